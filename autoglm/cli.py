@@ -1,0 +1,193 @@
+"""The ``autoglm`` command line: broker, up, search (and the worker process that ``up`` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from autoglm.settings import Settings
+
+DEFAULT_API = "http://127.0.0.1:8000"
+
+
+def _settings(args: argparse.Namespace, broker: str) -> Settings:
+    return Settings(broker=broker, data_dir=Path(args.data_dir), api_port=args.api_port,
+                    cdc_topics=args.cdc_topics,
+                    mapping_file=Path(args.mapping) if args.mapping else None)
+
+
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    parser.add_argument("--data-dir", default=str(defaults.data_dir), help="index and state directory")
+    parser.add_argument("--api-port", type=int, default=defaults.api_port)
+    parser.add_argument("--cdc-topics", default=defaults.cdc_topics,
+                        help="regular expression of the Debezium topics to index (default %(default)s)")
+    parser.add_argument("--mapping", help="TOML file mapping table rows to documents")
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from autoglm.broker import EmbeddedBroker
+    from autoglm.topics import PLATFORM_TOPICS, ensure_topics
+
+    broker = EmbeddedBroker(port=args.port).start()
+    ensure_topics(broker.address, PLATFORM_TOPICS)
+    print(f"broker: {broker.address}", flush=True)
+    _stop_on_signals(broker.stop)
+    return broker.wait()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from autoglm.worker import DataDirInUse, run_worker
+
+    try:
+        run_worker(_settings(args, args.broker))
+    except DataDirInUse as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the broker (unless --broker), then the worker; print the API address once healthy."""
+    from autoglm.broker import EmbeddedBroker
+    from autoglm.process import die_with_parent
+    from autoglm.topics import PLATFORM_TOPICS, ensure_topics
+    from autoglm.worker import DataDirInUse, lock_data_dir
+
+    try:
+        lock_data_dir(Settings(data_dir=Path(args.data_dir))).close()
+    except DataDirInUse as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
+        return 2
+
+    broker = None
+    address = args.broker
+    if address is None:
+        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+        broker = EmbeddedBroker(log_file=Path(args.data_dir) / "broker.log").start()
+        address = broker.address
+        print(f"broker: {address} (embedded, in memory)", flush=True)
+    ensure_topics(address, PLATFORM_TOPICS)
+
+    command = [sys.executable, "-m", "autoglm.cli", "worker", "--broker", address,
+               "--data-dir", args.data_dir, "--api-port", str(args.api_port),
+               "--cdc-topics", args.cdc_topics] + (["--mapping", args.mapping] if args.mapping else [])
+    worker = subprocess.Popen(command, preexec_fn=die_with_parent)
+    stopping = threading.Event()
+
+    def stop() -> None:
+        stopping.set()
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        if broker:
+            broker.stop()
+
+    _stop_on_signals(stop)
+    api = f"http://127.0.0.1:{args.api_port}"
+    deadline = time.monotonic() + args.ready_timeout
+    while worker.poll() is None and not stopping.is_set():
+        if _healthy(api):
+            print(f"api: {api}", flush=True)
+            break
+        if time.monotonic() > deadline:
+            print(f"autoglm: not healthy after {args.ready_timeout:.0f} s; see {api}/healthz", file=sys.stderr)
+            stop()
+            return 1
+        time.sleep(0.2)
+    code = worker.wait()
+    stop()
+    return 0 if stopping.is_set() else code
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"q": args.text, "k": args.k, "mode": args.mode})
+    try:
+        with urllib.request.urlopen(f"{args.api}/search?{query}", timeout=30) as response:
+            result = json.load(response)
+    except urllib.error.HTTPError as exc:
+        print(f"autoglm: {exc.code}: {exc.read().decode()}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"autoglm: cannot reach {args.api}: {exc.reason}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{len(result['hits'])} hits · mode {result['mode']} · model {result['model_version']}"
+          f" · query {result['query_id']}")
+    for rank, hit in enumerate(result["hits"], start=1):
+        print(f"{rank:>3}  {hit['score']:.4f}  {hit['id']}  {hit['title'][:70]}")
+        print(f"{'':>13}{hit['snippet'][:110]}")
+    return 0
+
+
+def _healthy(api: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api}/healthz", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _stop_on_signals(stop) -> None:
+    def handler(_signum, _frame):
+        threading.Thread(target=stop, daemon=True).start()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoglm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    broker = sub.add_parser("broker", help="run the embedded Kafka-protocol broker on 127.0.0.1")
+    broker.add_argument("--port", type=int, help="default: a free port")
+    broker.set_defaults(func=cmd_broker)
+
+    up = sub.add_parser("up", help="run the ingest worker and search API (and the embedded broker)")
+    up.add_argument("--broker", help="HOST:PORT of a Kafka cluster; default: start the embedded broker")
+    up.add_argument("--ready-timeout", type=float, default=180.0)
+    _add_worker_options(up)
+    up.set_defaults(func=cmd_up)
+
+    worker = sub.add_parser("worker", help="one worker process (what `up` runs)")
+    worker.add_argument("--broker", required=True)
+    _add_worker_options(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    search = sub.add_parser("search", help="query the search API")
+    search.add_argument("text")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--mode", default="hybrid", choices=["bm25", "dense", "hybrid"])
+    search.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    search.add_argument("--api", default=os.environ.get("AUTOGLM_API", DEFAULT_API))
+    search.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("AUTOGLM_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

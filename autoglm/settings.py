@@ -1,0 +1,46 @@
+"""Runtime settings, in one place, so the CLI, the worker and the tests agree on defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FusionWeights:
+    """Weights of the rankers fused by reciprocal rank fusion (tuned on the SciFact dev split)."""
+
+    bm25: float = 1.0
+    dense: float = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: str = "127.0.0.1:9092"
+    data_dir: Path = Path("./autoglm-data")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    cdc_topics: str = r"^cdc\."
+    mapping_file: Path | None = None
+    # Micro-batching of the ingest stream: a batch closes when it holds batch_max events
+    # or batch_linger_s after its first event, whichever comes first.
+    batch_max: int = 64
+    batch_linger_s: float = 0.02
+    # How often the worker looks for new topics matching cdc_topics.
+    topic_refresh_s: float = 5.0
+    topic_partitions: int = 4
+    rrf_k: int = 60
+    fusion_weights: FusionWeights = field(default_factory=FusionWeights)
+    fusion_candidates: int = 100
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.data_dir / "worker.lock"

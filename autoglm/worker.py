@@ -1,0 +1,121 @@
+"""One ingest worker process: the Faust CDC processor and the search API over one embedded index.
+
+The API runs in a thread of the worker process so that searches read the index the worker
+writes, with no second copy to reload. The Faust worker owns the main thread and its signal
+handling: SIGINT/SIGTERM stop the stream, then the API, then close the index.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from autoglm import topics
+from autoglm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DataDirInUse(RuntimeError):
+    pass
+
+
+def lock_data_dir(settings: Settings):
+    """Hold an exclusive lock on the data dir for the life of the process (released by the OS on exit)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(settings.lock_file, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise DataDirInUse(f"data dir {settings.data_dir} is in use by {holder}; stop it first "
+                           f"or pass another --data-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+class BrokerProbe:
+    """Answers 'is the broker up' without asking it on every health check."""
+
+    def __init__(self, broker: str, ttl_s: float = 2.0):
+        self.broker, self.ttl_s = broker, ttl_s
+        self._checked_at, self._error = 0.0, None
+
+    def __call__(self) -> str | None:
+        if time.monotonic() - self._checked_at > self.ttl_s:
+            try:
+                topics.list_topics(self.broker, timeout=2.0)
+                self._error = None
+            except Exception as exc:
+                self._error = f"broker {self.broker} unreachable: {exc}"
+            self._checked_at = time.monotonic()
+        return self._error
+
+
+def run_worker(settings: Settings) -> None:
+    import faust
+    import uvicorn
+
+    from autoglm.encoder import Encoder
+    from search.api import create_app
+    from search.embedded import EmbeddedIndex
+    from search.query import SearchService
+    from streams.cdc import CdcProcessor
+    from streams.faust_app import create_faust_app
+    from streams.ingest import IngestSink
+    from streams.mapping import Mapper
+
+    lock = lock_data_dir(settings)
+    mapper = Mapper.from_file(settings.mapping_file)
+    topics.ensure_topics(settings.broker, topics.PLATFORM_TOPICS, partitions=1)
+    index = EmbeddedIndex(settings.index_dir)
+    document_encoder = Encoder()
+    query_encoder = Encoder()  # its own copy: queries never wait behind a document batch
+
+    app = create_faust_app("autoglm-ingest", settings)
+    processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
+    assigned = threading.Event()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(*_args, **_kwargs) -> None:
+        assigned.set()
+
+    broker_probe = BrokerProbe(settings.broker)
+
+    def health() -> dict[str, str | None]:
+        worker_down = None
+        if not assigned.is_set():
+            worker_down = "stream processor has not joined its consumer group yet"
+        elif processor.last_error:
+            worker_down = processor.last_error
+        try:
+            index.count()
+            index_down = None
+        except Exception as exc:
+            index_down = f"index unavailable: {exc}"
+        return {"broker": broker_probe(), "worker": worker_down, "index": index_down}
+
+    service = SearchService(index, query_encoder.embed_one, query_encoder.version,
+                            settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
+    server = uvicorn.Server(uvicorn.Config(create_app(service, health), host=settings.api_host,
+                                           port=settings.api_port, log_level="warning",
+                                           lifespan="off"))
+    api_thread = threading.Thread(target=server.run, name="search-api", daemon=True)
+    api_thread.start()
+    try:
+        worker = faust.Worker(app, loglevel=logging.getLogger().level, quiet=True)
+        worker.spinner = None  # a terminal spinner only garbles logs
+        worker.execute_from_commandline()
+    finally:
+        server.should_exit = True
+        api_thread.join(timeout=5)
+        index.close()
+        lock.close()

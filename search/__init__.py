@@ -1,0 +1,1 @@
+"""Search: the index protocol, its backends, fusion of rankers, the query service and the HTTP API."""

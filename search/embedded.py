@@ -1,0 +1,249 @@
+"""The embedded index: tantivy (BM25), usearch (HNSW vectors) and a SQLite document store in one directory.
+
+Layout under the index directory::
+
+    text/            tantivy index over title + text (English stemming)
+    vectors.usearch  HNSW graph, cosine, keyed by an integer per document
+    documents.db     documents, their source positions and delete tombstones
+    manifest.json    consumer offsets of the last durable commit (write, fsync, rename)
+
+There is no transaction spanning the three stores, so ``commit`` makes them durable in a
+fixed order and records offsets last; see :meth:`EmbeddedIndex.commit`. Replaying records
+after a crash is harmless because the ingest path orders every change by source position.
+
+One process owns the directory: tantivy's writer lock refuses a second writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import tantivy
+from usearch.index import Index as VectorIndex
+
+from search.protocol import Deletion, Document, Hit, StoredState, Upsert
+
+_NON_WORD = re.compile(r"[^\w]+")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    vector_key INTEGER NOT NULL UNIQUE,
+    table_name TEXT NOT NULL,
+    title TEXT NOT NULL DEFAULT '',
+    text TEXT NOT NULL DEFAULT '',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    position TEXT NOT NULL,
+    source_ts_ms INTEGER,
+    content_hash TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_by_table ON documents (table_name, deleted);
+"""
+
+
+def plain_text_query(text: str) -> str:
+    """Reduce a user's query to lower-case words so no character or AND/OR/NOT acts as query syntax."""
+    return _NON_WORD.sub(" ", text).lower().strip()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class EmbeddedIndex:
+    """Hybrid index on local files; safe to search from other threads while one thread writes."""
+
+    def __init__(self, directory: Path, dimension: int = 384, hnsw_ef_search: int = 128):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dimension = dimension
+        self._lock = threading.RLock()
+
+        text_dir = self.directory / "text"
+        text_dir.mkdir(exist_ok=True)
+        builder = tantivy.SchemaBuilder()
+        builder.add_text_field("id", stored=True, tokenizer_name="raw")
+        builder.add_text_field("body", tokenizer_name="en_stem")
+        self._text = tantivy.Index(builder.build(), path=str(text_dir), reuse=True)
+        self._text_writer = self._text.writer(heap_size=64_000_000, num_threads=1)
+
+        self._vectors_path = self.directory / "vectors.usearch"
+        self._vectors = VectorIndex(ndim=dimension, metric="cos", dtype="f32",
+                                    expansion_search=hnsw_ef_search)
+        if self._vectors_path.exists():
+            self._vectors.load(str(self._vectors_path))
+
+        self._db = sqlite3.connect(self.directory / "documents.db", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._next_vector_key = 1 + (self._db.execute(
+            "SELECT COALESCE(MAX(vector_key), 0) FROM documents").fetchone()[0])
+        self._db.execute("BEGIN")
+
+        self._manifest_path = self.directory / "manifest.json"
+
+    # -- ingest side ---------------------------------------------------------------------
+
+    def states(self, ids: Sequence[str]) -> dict[str, StoredState]:
+        found: dict[str, StoredState] = {}
+        with self._lock:
+            for chunk_start in range(0, len(ids), 500):
+                chunk = list(ids[chunk_start:chunk_start + 500])
+                rows = self._db.execute(
+                    f"SELECT id, position, deleted, content_hash FROM documents "
+                    f"WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                for doc_id, position, deleted, content_hash in rows:
+                    found[doc_id] = StoredState(doc_id, tuple(json.loads(position)), bool(deleted),
+                                                content_hash)
+        return found
+
+    def live_ids(self, table: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM documents WHERE table_name = ? AND deleted = 0", (table,)).fetchall()
+        return [row[0] for row in rows]
+
+    def write_batch(self, upserts: Sequence[Upsert], deletions: Sequence[Deletion]) -> None:
+        now = time.time()
+        with self._lock:
+            keys = self._vector_keys([u.document.id for u in upserts] + [d.id for d in deletions])
+            for upsert in upserts:
+                doc = upsert.document
+                key = keys.get(doc.id)
+                if key is None:
+                    key = keys[doc.id] = self._next_vector_key
+                    self._next_vector_key += 1
+                if upsert.vector is not None:
+                    self._text_writer.delete_documents_by_term("id", doc.id)
+                    self._text_writer.add_document(tantivy.Document(id=doc.id, body=doc.embedding_text))
+                    self._vectors.remove(key)
+                    self._vectors.add(key, np.asarray(upsert.vector, dtype=np.float32))
+                self._db.execute(
+                    "INSERT INTO documents (id, vector_key, table_name, title, text, metadata, position,"
+                    " source_ts_ms, content_hash, deleted, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
+                    " ON CONFLICT(id) DO UPDATE SET table_name=excluded.table_name, title=excluded.title,"
+                    " text=excluded.text, metadata=excluded.metadata, position=excluded.position,"
+                    " source_ts_ms=excluded.source_ts_ms, content_hash=excluded.content_hash, deleted=0,"
+                    " updated_at=excluded.updated_at",
+                    (doc.id, key, doc.table, doc.title, doc.text, json.dumps(doc.metadata, default=str),
+                     json.dumps(list(doc.position)), doc.source_ts_ms, doc.content_hash, now))
+            for deletion in deletions:
+                key = keys.get(deletion.id)
+                if key is None:
+                    key = keys[deletion.id] = self._next_vector_key
+                    self._next_vector_key += 1
+                self._text_writer.delete_documents_by_term("id", deletion.id)
+                self._vectors.remove(key)
+                self._db.execute(
+                    "INSERT INTO documents (id, vector_key, table_name, position, deleted, updated_at)"
+                    " VALUES (?, ?, ?, ?, 1, ?)"
+                    " ON CONFLICT(id) DO UPDATE SET title='', text='', metadata='{}', content_hash=NULL,"
+                    " position=excluded.position, deleted=1, updated_at=excluded.updated_at",
+                    (deletion.id, key, deletion.table, json.dumps(list(deletion.position)), now))
+
+    def commit(self, offsets: Mapping[str, int]) -> None:
+        """Make the batch durable. Steps, in this order, each finished before the next:
+
+        1. text index: tantivy commit (atomic meta swap), then reload its searcher;
+        2. vectors: save the HNSW graph to a temporary file and rename it over the old one;
+        3. documents: commit the SQLite transaction that holds positions and tombstones;
+        4. offsets: write the manifest (write, fsync, rename).
+        The caller commits the consumer offsets to Kafka only after this returns.
+        A crash between steps leaves stores ahead of the manifest, never behind it, so
+        replaying from the recorded offsets re-applies idempotent, position-ordered changes.
+        """
+        with self._lock:
+            self._text_writer.commit()
+            self._text.reload()
+            tmp = self._vectors_path.with_suffix(".tmp")
+            self._vectors.save(str(tmp))
+            os.replace(tmp, self._vectors_path)
+            self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+            merged = {**self.committed_offsets(), **offsets}
+            _atomic_write(self._manifest_path, json.dumps(
+                {"offsets": merged, "documents": self.count(), "committed_at": time.time()},
+                indent=1).encode())
+
+    def committed_offsets(self) -> dict[str, int]:
+        if not self._manifest_path.exists():
+            return {}
+        return json.loads(self._manifest_path.read_text())["offsets"]
+
+    # -- query side ----------------------------------------------------------------------
+
+    def get(self, doc_id: str) -> Document | None:
+        return self.get_many([doc_id]).get(doc_id)
+
+    def get_many(self, ids: Sequence[str]) -> dict[str, Document]:
+        if not ids:
+            return {}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, table_name, title, text, metadata, position, source_ts_ms FROM documents"
+                f" WHERE deleted = 0 AND id IN ({','.join('?' * len(ids))})", list(ids)).fetchall()
+        return {row[0]: Document(id=row[0], table=row[1], title=row[2], text=row[3],
+                                 metadata=json.loads(row[4]), position=tuple(json.loads(row[5])),
+                                 source_ts_ms=row[6]) for row in rows}
+
+    def search_text(self, query: str, k: int) -> list[Hit]:
+        words = plain_text_query(query)
+        if not words:
+            return []
+        with self._lock:
+            searcher = self._text.searcher()
+            parsed = self._text.parse_query(words, ["body"])
+            result = searcher.search(parsed, k)
+            return [Hit(searcher.doc(address)["id"][0], float(score)) for score, address in result.hits]
+
+    def search_vector(self, vector: np.ndarray, k: int) -> list[Hit]:
+        with self._lock:
+            if len(self._vectors) == 0:
+                return []
+            matches = self._vectors.search(np.asarray(vector, dtype=np.float32), k)
+            keys = [int(key) for key in matches.keys]
+            if not keys:
+                return []
+            rows = dict(self._db.execute(
+                f"SELECT vector_key, id FROM documents WHERE deleted = 0 AND vector_key IN "
+                f"({','.join('?' * len(keys))})", keys).fetchall())
+        return [Hit(rows[key], 1.0 - float(distance))
+                for key, distance in zip(keys, matches.distances) if key in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM documents WHERE deleted = 0").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.execute("ROLLBACK")
+            self._db.close()
+            self._text_writer.rollback()
+            del self._text_writer
+
+    def _vector_keys(self, ids: Sequence[str]) -> dict[str, int]:
+        keys: dict[str, int] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start:start + 500])
+            keys.update(self._db.execute(
+                f"SELECT id, vector_key FROM documents WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk).fetchall())
+        return keys

@@ -1,0 +1,97 @@
+"""Query side: rankers over an index, composed; hybrid is reciprocal rank fusion over the others.
+
+Like Pathway's index factories, a fused ranker is just another ranker, so a new retriever
+(a second vector field, a learned sparse model) is added by composing, not by special cases.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from autoglm import metrics
+from autoglm.settings import FusionWeights
+from search.fusion import reciprocal_rank_fusion
+from search.protocol import Document, Hit, Index
+
+MODES = ("bm25", "dense", "hybrid")
+
+
+class Ranker(Protocol):
+    def rank(self, query: str, k: int) -> list[Hit]:
+        ...
+
+
+@dataclass
+class BM25Ranker:
+    index: Index
+
+    def rank(self, query: str, k: int) -> list[Hit]:
+        return self.index.search_text(query, k)
+
+
+@dataclass
+class DenseRanker:
+    index: Index
+    embed_query: Callable[[str], np.ndarray]
+
+    def rank(self, query: str, k: int) -> list[Hit]:
+        return self.index.search_vector(self.embed_query(query), k)
+
+
+@dataclass
+class FusedRanker:
+    rankers: list[Ranker]
+    weights: list[float]
+    rrf_k: int = 60
+    candidates: int = 100  # depth taken from each ranker before fusing
+
+    def rank(self, query: str, k: int) -> list[Hit]:
+        depth = max(k, self.candidates)
+        return reciprocal_rank_fusion([r.rank(query, depth) for r in self.rankers], self.weights,
+                                      k=self.rrf_k, limit=k)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    query_id: str
+    mode: str
+    model_version: str
+    hits: list[tuple[Hit, Document]]
+
+
+class SearchService:
+    """Runs a query in one mode and joins hits with their stored documents."""
+
+    def __init__(self, index: Index, embed_query: Callable[[str], np.ndarray], model_version: str,
+                 weights: FusionWeights = FusionWeights(), rrf_k: int = 60, candidates: int = 100):
+        self.index = index
+        self.model_version = model_version
+        bm25, dense = BM25Ranker(index), DenseRanker(index, embed_query)
+        self.rankers: dict[str, Ranker] = {
+            "bm25": bm25, "dense": dense,
+            "hybrid": FusedRanker([bm25, dense], [weights.bm25, weights.dense], rrf_k, candidates)}
+
+    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> SearchResult:
+        if mode not in self.rankers:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        started = time.perf_counter()
+        hits = self.rankers[mode].rank(query, k)
+        documents = self.index.get_many([hit.id for hit in hits])
+        metrics.SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - started)
+        return SearchResult(query_id=str(uuid.uuid4()), mode=mode, model_version=self.model_version,
+                            hits=[(hit, documents[hit.id]) for hit in hits if hit.id in documents])
+
+
+def snippet(text: str, query: str, width: int = 240) -> str:
+    """A window of the text around the first query word it contains (or its start)."""
+    lowered = text.lower()
+    positions = [lowered.find(word) for word in query.lower().split() if len(word) > 2]
+    start = min((p for p in positions if p >= 0), default=0)
+    start = max(0, start - width // 4)
+    window = text[start:start + width].strip()
+    return ("…" if start > 0 else "") + window + ("…" if start + width < len(text) else "")
