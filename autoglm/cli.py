@@ -22,7 +22,8 @@ DEFAULT_API = "http://127.0.0.1:8000"
 
 
 def _settings(args: argparse.Namespace, broker: str) -> Settings:
-    return Settings(broker=broker, data_dir=Path(args.data_dir), api_port=args.api_port,
+    return Settings(broker=broker, group_id=args.group_id, data_dir=Path(args.data_dir),
+                    api_port=args.api_port,
                     cdc_topics=args.cdc_topics,
                     mapping_file=Path(args.mapping) if args.mapping else None)
 
@@ -34,6 +35,8 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cdc-topics", default=defaults.cdc_topics,
                         help="regular expression of the Debezium topics to index (default %(default)s)")
     parser.add_argument("--mapping", help="TOML file mapping table rows to documents")
+    parser.add_argument("--group-id", default=defaults.group_id,
+                        help="consumer group of the ingest workers (one per index; default %(default)s)")
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -82,7 +85,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     command = [sys.executable, "-m", "autoglm.cli", "worker", "--broker", address,
                "--data-dir", args.data_dir, "--api-port", str(args.api_port),
-               "--cdc-topics", args.cdc_topics] + (["--mapping", args.mapping] if args.mapping else [])
+               "--cdc-topics", args.cdc_topics, "--group-id", args.group_id]
+    command += ["--mapping", args.mapping] if args.mapping else []
     worker = subprocess.Popen(command, preexec_fn=die_with_parent)
     stopping = threading.Event()
 

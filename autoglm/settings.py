@@ -18,6 +18,8 @@ class FusionWeights:
 @dataclass(frozen=True)
 class Settings:
     broker: str = "127.0.0.1:9092"
+    # Kafka consumer group of the ingest workers; one group per index.
+    group_id: str = "autoglm-ingest"
     data_dir: Path = Path("./autoglm-data")
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -80,7 +80,7 @@ def run_worker(settings: Settings) -> None:
     document_encoder = Encoder()
     query_encoder = Encoder()  # its own copy: queries never wait behind a document batch
 
-    app = create_faust_app("autoglm-ingest", settings)
+    app = create_faust_app(settings.group_id, settings)
     processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
     assigned = threading.Event()
 
