@@ -54,6 +54,7 @@ class CdcProcessor:
                                key_serializer="raw", value_serializer="raw")
         self.dead_letters = app.topic(topics.DEAD_LETTERS, key_serializer="raw", value_serializer="raw")
         self._stream = None
+        self._channel = None
         app.agent(self.topic, name="cdc-ingest")(self._read)
         app.task(self._run_sink)
         app.timer(settings.topic_refresh_s)(self._follow_new_topics)
@@ -75,6 +76,7 @@ class CdcProcessor:
         return self.mapper.document(event, doc_id)
 
     async def _read(self, stream) -> None:
+        self._channel = stream.channel  # the agent's own copy of self.topic, which Faust consumes
         self._stream = stream.noack()
         async for event in self._stream.events():
             try:
@@ -158,9 +160,10 @@ class CdcProcessor:
             log.warning("cannot list topics: %r", exc)
             return
         new = [name for name in names if name not in self.topic.topics]
-        if new:
+        if new and self._channel is not None:
             log.info("subscribing to new CDC topics %s", new)
-            self.topic.topics = [*self.topic.topics, *new]
+            for channel in {id(self.topic): self.topic, id(self._channel): self._channel}.values():
+                channel.topics = [*channel.topics, *new]
             conductor = self.app.topics
             conductor._resubscribe_sleep_lock_seconds = 1.0
             conductor._flag_changes()
