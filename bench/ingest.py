@@ -64,7 +64,7 @@ SCHEMA, TABLE = "beir", "scifact"
 TOPIC = f"cdc.{SCHEMA}.{TABLE}"
 ENCODE_CHUNK = Settings().batch_max  # the worker's largest micro-batch
 GAUGE_POLL_S = 0.5
-VISIBILITY_POLL_S = 0.003
+VISIBILITY_POLL_S = 0.005  # each GET costs the worker ~1 ms of CPU: faster polling would slow what it measures
 NDCG_K = 10
 TARGETS = {"e2e_over_raw": 0.9, "idle_p99_ms": 250.0, "load_p99_ms": 1500.0, "hybrid_p50_ms": 20.0}
 SWEEP_DENSE_OVER_BM25 = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)  # RRF ranks depend on the ratio only
@@ -130,11 +130,6 @@ class Pipeline:
 
     def document_count(self) -> int:
         return int(self.metric_samples()[("autoglm_documents", ())])
-
-    def freshness_buckets(self) -> dict[float, float]:
-        """The worker's own freshness histogram: cumulative count per upper bound (le)."""
-        return {float(dict(labels)["le"]): value for (name, labels), value in self.metric_samples().items()
-                if name == "autoglm_freshness_seconds_bucket"}
 
     def wait_for_count(self, expected: int, timeout: float, progress: tqdm | None = None) -> float:
         """Poll the live-document gauge until it equals expected; returns perf_counter() when seen."""
@@ -228,6 +223,43 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+# -- noisy neighbours ---------------------------------------------------------------------------
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the machine has been busy, CPU seconds of this process and its descendants), from /proc.
+
+    On 2 cores any other busy process skews every number here, so each phase reports its share.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    parents, own = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        own[pid] = sum(int(value) for value in fields[11:15])  # utime, stime, and of reaped children
+    tree, frontier = set(), {os.getpid()}
+    while frontier:
+        tree |= frontier
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
+    return (user + nice + system + irq + softirq + steal) / tick, sum(own.get(pid, 0) for pid in tree) / tick
+
+
+@contextmanager
+def phase(title: str, name: str, interference: dict) -> Iterator[None]:
+    """Announce a phase and record the share of the machine's CPU that other processes took meanwhile."""
+    console.rule(title)
+    started, (busy, ours) = time.perf_counter(), cpu_seconds()
+    yield
+    wall, (busy_after, ours_after) = time.perf_counter() - started, cpu_seconds()
+    foreign = max(0.0, (busy_after - busy) - (ours_after - ours))
+    interference[name] = round(foreign / (wall * os.cpu_count()), 3)
+
+
 # -- phases -----------------------------------------------------------------------------------
 
 
@@ -255,12 +287,9 @@ def measure_snapshot_ingest(pipeline: Pipeline, corpus: Sequence[CorpusDocument]
                                        progress=progress)
     seconds = done - started
     docs_per_s = len(corpus) / seconds
-    worker = pipeline.metric_samples()  # a fresh worker: its totals so far are this phase's
     return {"documents": len(corpus), "produce_s": round(produced_s, 2), "seconds": round(seconds, 2),
             "docs_per_s": round(docs_per_s, 2), "e2e_over_raw": round(docs_per_s / raw_docs_per_s, 3),
-            "gauge_poll_s": GAUGE_POLL_S,
-            "worker_batches": int(worker[("autoglm_commit_seconds_count", ())]),
-            "worker_commit_s": round(worker[("autoglm_commit_seconds_sum", ())], 2)}
+            "gauge_poll_s": GAUGE_POLL_S}
 
 
 def measure_query_latency(pipeline: Pipeline, queries: Sequence[str], plan: Plan) -> dict[str, list[float]]:
@@ -311,16 +340,19 @@ def measure_idle_freshness(pipeline: Pipeline, corpus: Sequence[CorpusDocument],
 
 def produce_steadily(pipeline: Pipeline, corpus: Sequence[CorpusDocument], rate: float, seconds: float,
                      sent_events: queue.Queue) -> int:
-    """New unique documents at a fixed rate (on a schedule, so a slow send does not lower the rate)."""
-    started = time.perf_counter()
+    """New unique documents at a fixed rate (on a schedule, so a slow send does not lower the rate).
+
+    Returns how many it sent and perf_counter() at the last send."""
+    started = sent = time.perf_counter()
     count = 0
     while (due := started + count / rate) < started + seconds:
         time.sleep(max(0.0, due - time.perf_counter()))
         doc = corpus[count % len(corpus)]
         pk, title = f"load-{count}", f"Load {count}: {doc.title}"
-        sent_events.put((pk, title, pipeline.publish("c", pk, title, doc.text)))
+        sent = pipeline.publish("c", pk, title, doc.text)
+        sent_events.put((pk, title, sent))
         count += 1
-    return count
+    return count, sent
 
 
 def measure_loaded_freshness(pipeline: Pipeline, corpus: Sequence[CorpusDocument], rate: float,
@@ -328,8 +360,10 @@ def measure_loaded_freshness(pipeline: Pipeline, corpus: Sequence[CorpusDocument
     """Freshness of marked events while a background source writes at ``rate`` documents/s.
 
     The prober always takes the next event sent after its previous probe finished, so it starts
-    polling within milliseconds of the send and never polls more than one id at a time.
+    polling within milliseconds of the send and never polls more than one id at a time. At the
+    end it waits for the backlog: a worker that cannot keep up shows it there first.
     """
+    baseline = pipeline.document_count()
     sent_events: queue.Queue = queue.Queue()
     samples = []
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(desc="loaded freshness", unit="probe") as progress:
@@ -342,8 +376,10 @@ def measure_loaded_freshness(pipeline: Pipeline, corpus: Sequence[CorpusDocument
                 continue
             samples.append(pipeline.wait_visible(pk, title, sent))
             progress.update()
-        published = source.result()
-    return {"rate_docs_per_s": round(rate, 2), "seconds": seconds, "published": published, "samples": samples}
+        published, last_sent = source.result()
+    caught_up = pipeline.wait_for_count(baseline + published, timeout=300)
+    return {"rate_docs_per_s": round(rate, 2), "seconds": seconds, "published": published,
+            "catch_up_after_last_send_s": round(caught_up - last_sent, 2), "samples": samples}
 
 
 def drain(events: queue.Queue) -> None:
@@ -403,23 +439,35 @@ def restrict_qrels(qrels: dict[str, dict[str, int]], indexed: set[str]) -> dict[
     return {qid: judged for qid, judged in kept.items() if judged}
 
 
+def milliseconds(samples_s: Sequence[float]) -> list[float]:
+    return [round(value * 1000, 2) for value in samples_s]
+
+
 def percentiles_ms(samples_s: Sequence[float]) -> dict:
     values = np.asarray(samples_s) * 1000
     return {"n": len(values), "p50_ms": round(float(np.percentile(values, 50)), 1),
             "p99_ms": round(float(np.percentile(values, 99)), 1), "max_ms": round(float(values.max()), 1)}
 
 
-def histogram_window(before: dict[float, float], after: dict[float, float]) -> dict:
-    """The worker's own view of one phase (source ts_ms -> committed): events and the bucket
-    bounds that hold p50 and p99. Coarse, but independent of the client's polling."""
-    counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+def worker_view(before: dict, after: dict) -> dict:
+    """The worker's own metrics over one phase: its freshness histogram (source ts_ms -> committed),
+    reduced to the bucket bounds holding p50 and p99, and its mean commit time. Coarse, but
+    independent of the client's polling."""
+    def buckets(samples: dict) -> dict[float, float]:
+        return {float(dict(labels)["le"]): value for (name, labels), value in samples.items()
+                if name == "autoglm_freshness_seconds_bucket"}
+
+    counts = {le: count - buckets(before).get(le, 0.0) for le, count in sorted(buckets(after).items())}
     total = counts[float("inf")]
+    commits = after[("autoglm_commit_seconds_count", ())] - before[("autoglm_commit_seconds_count", ())]
+    commit_s = after[("autoglm_commit_seconds_sum", ())] - before[("autoglm_commit_seconds_sum", ())]
 
     def bound(q: float) -> str:
         return f"{next(le for le, count in counts.items() if count >= q * total):g}"
 
     return {"events": int(total), "p50_at_most_s": bound(0.5), "p99_at_most_s": bound(0.99),
-            "cumulative": {f"{le:g}": int(count) for le, count in counts.items()}}
+            "cumulative": {f"{le:g}": int(count) for le, count in counts.items()},
+            "commits": int(commits), "commit_mean_ms": round(1000 * commit_s / max(commits, 1), 1)}
 
 
 def target_checks(results: dict) -> dict:
@@ -451,39 +499,42 @@ def environment() -> dict:
 # -- the run ----------------------------------------------------------------------------------------
 
 
-def run_live_phases(pipeline: Pipeline, corpus: list[CorpusDocument], queries: dict[str, str],
-                    train: dict, dev: dict, raw: dict, plan: Plan) -> dict:
-    """Phases 2-6 against the running worker, and the clean-up that makes phase 7 comparable."""
-    console.rule("2. end-to-end snapshot ingest")
-    results = {"end_to_end": measure_snapshot_ingest(pipeline, corpus, raw["docs_per_s"])}
+def run_live_phases(pipeline: Pipeline, corpus: list[CorpusDocument], queries: dict[str, str], train: dict,
+                    dev: dict, raw: dict, plan: Plan, interference: dict) -> tuple[dict, dict]:
+    """Phases 2-6 against the running worker, then the clean-up that keeps phase 7 comparable.
 
-    console.rule("3-4. query latency and nDCG@10 over the API")
-    latencies = measure_query_latency(pipeline, [queries[qid] for qid in train], plan)
-    results["query_latency"] = {mode: percentiles_ms(samples) for mode, samples in latencies.items()}
-    results["ndcg_at_10"] = {"split": "dev of train (autoglm.beir.split_train)", "queries": len(dev),
-                             "api": measure_api_ndcg(pipeline, queries, dev)}
+    Returns (results, raw samples for the plot)."""
+    results: dict = {}
+    with phase("2. end-to-end snapshot ingest", "end_to_end", interference):
+        before = pipeline.metric_samples()
+        results["end_to_end"] = measure_snapshot_ingest(pipeline, corpus, raw["docs_per_s"])
+        results["end_to_end"]["worker"] = worker_view(before, pipeline.metric_samples())
 
-    console.rule("5. freshness, idle")
-    before = pipeline.freshness_buckets()
-    idle = measure_idle_freshness(pipeline, corpus, plan.idle_probes)
-    after_idle = pipeline.freshness_buckets()
-    results["freshness_idle"] = {"client": percentiles_ms(idle), "poll_s": VISIBILITY_POLL_S,
-                                 "worker_histogram": histogram_window(before, after_idle)}
+    with phase("3. query latency over the API", "query_latency", interference):
+        latencies = measure_query_latency(pipeline, [queries[qid] for qid in train], plan)
+    results["query_latency"] = {mode: percentiles_ms(values) for mode, values in latencies.items()}
 
-    console.rule("6. freshness under load")
-    load = measure_loaded_freshness(pipeline, corpus, raw["docs_per_s"] / 2, plan.load_seconds)
-    sent_all = time.perf_counter()
-    caught_up = pipeline.wait_for_count(len(corpus) + 1 + load["published"], timeout=300)
-    results["freshness_load"] = {
-        **{key: value for key, value in load.items() if key != "samples"},
-        "catch_up_after_last_send_s": round(caught_up - sent_all, 2),
-        "client": percentiles_ms(load["samples"]),
-        "worker_histogram": histogram_window(after_idle, pipeline.freshness_buckets())}
-    results["samples"] = {"idle_ms": [round(s * 1000, 1) for s in idle],
-                          "load_ms": [round(s * 1000, 1) for s in load["samples"]],
-                          "query_ms": {mode: [round(s * 1000, 2) for s in samples] for mode, samples in latencies.items()}}
+    with phase("4. nDCG@10 over the API", "ndcg", interference):
+        results["ndcg_at_10"] = {"split": "dev of train (autoglm.beir.split_train)", "queries": len(dev),
+                                 "api": measure_api_ndcg(pipeline, queries, dev)}
+
+    with phase("5. freshness, idle", "freshness_idle", interference):
+        before = pipeline.metric_samples()
+        idle = measure_idle_freshness(pipeline, corpus, plan.idle_probes)
+        results["freshness_idle"] = {"client": percentiles_ms(idle), "poll_s": VISIBILITY_POLL_S,
+                                     "worker": worker_view(before, pipeline.metric_samples())}
+
+    with phase("6. freshness under load", "freshness_load", interference):
+        before = pipeline.metric_samples()
+        load = measure_loaded_freshness(pipeline, corpus, raw["docs_per_s"] / 2, plan.load_seconds)
+        results["freshness_load"] = {**{key: value for key, value in load.items() if key != "samples"},
+                                     "client": percentiles_ms(load["samples"]), "poll_s": VISIBILITY_POLL_S,
+                                     "worker": worker_view(before, pipeline.metric_samples())}
+
     remove_synthetic_documents(pipeline, load["published"], len(corpus))
-    return results
+    samples = {"idle_ms": milliseconds(idle), "load_ms": milliseconds(load["samples"]),
+               "query_ms": {mode: milliseconds(values) for mode, values in latencies.items()}}
+    return results, samples
 
 
 def run(dataset: Path, plan: Plan) -> dict:
@@ -492,18 +543,20 @@ def run(dataset: Path, plan: Plan) -> dict:
     queries = read_queries(dataset)
     train = read_qrels(dataset, "train")
     dev = restrict_qrels(split_train(train)[1], {doc.id for doc in corpus})
-
-    console.rule(f"1. raw encoder ({len(corpus)} documents)")
-    encoder = Encoder()
+    interference: dict = {}
     results = {"dataset": str(dataset), "plan": dataclasses.asdict(plan), "environment": environment(),
-               "raw_encoder": measure_raw_encoder(encoder, corpus)}
+               "other_processes_cpu_share": interference}
+
+    encoder = Encoder()
+    with phase(f"1. raw encoder ({len(corpus)} documents)", "raw_encoder", interference):
+        results["raw_encoder"] = measure_raw_encoder(encoder, corpus)
     worker: dict = {}
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-") as data_dir:
         with running_pipeline(Path(data_dir), worker) as pipeline:
-            live = run_live_phases(pipeline, corpus, queries, train, dev, results["raw_encoder"], plan)
-        console.rule("7. fusion weight sweep (worker stopped)")
-        sweep = sweep_fusion(Path(data_dir) / "index", encoder, queries, dev)
-    samples = live.pop("samples")
+            live, samples = run_live_phases(pipeline, corpus, queries, train, dev, results["raw_encoder"], plan,
+                                            interference)
+        with phase("7. fusion weight sweep (worker stopped)", "fusion_sweep", interference):
+            sweep = sweep_fusion(Path(data_dir) / "index", encoder, queries, dev)
     results.update(live, worker=worker)
     api = results["ndcg_at_10"]["api"]
     results["ndcg_at_10"].update(hybrid_ge_both=api["hybrid"] >= max(api["bm25"], api["dense"]),
@@ -533,11 +586,11 @@ def print_table(results: dict) -> None:
     table.add_row("end-to-end", f"{e2e['docs_per_s']:.1f} docs/s ({e2e['seconds']:.0f} s)", "")
     table.add_row("end-to-end / raw", f"{e2e['e2e_over_raw']:.3f}", verdict("e2e_over_raw"))
     table.add_row("freshness idle p50 / p99", f"{idle['client']['p50_ms']:.0f} / {idle['client']['p99_ms']:.0f} ms "
-                  f"(n={idle['client']['n']}; worker p99 <= {idle['worker_histogram']['p99_at_most_s']} s)",
+                  f"(n={idle['client']['n']}; worker p99 <= {idle['worker']['p99_at_most_s']} s)",
                   verdict("idle_p99_ms"))
     table.add_row(f"freshness at {load['rate_docs_per_s']:.1f} docs/s p50 / p99",
                   f"{load['client']['p50_ms']:.0f} / {load['client']['p99_ms']:.0f} ms (n={load['client']['n']}; "
-                  f"worker p99 <= {load['worker_histogram']['p99_at_most_s']} s)", verdict("load_p99_ms"))
+                  f"worker p99 <= {load['worker']['p99_at_most_s']} s)", verdict("load_p99_ms"))
     for mode, latency in results["query_latency"].items():
         table.add_row(f"query {mode} p50 / p99", f"{latency['p50_ms']:.1f} / {latency['p99_ms']:.1f} ms",
                       verdict("hybrid_p50_ms") if mode == "hybrid" else "")
@@ -548,6 +601,10 @@ def print_table(results: dict) -> None:
     table.add_row("best RRF on dev (in-process)",
                   f"bm25 {best['bm25']:g}, dense {best['dense']:g}, k {best['rrf_k']}: {best['ndcg']:.4f} "
                   f"(default {default['ndcg']:.4f})", "")
+    share = results["other_processes_cpu_share"]
+    busiest = max(share, key=share.get)
+    table.add_row("other processes' CPU (busiest phase)", f"{share[busiest]:.0%} of the machine in {busiest}",
+                  "<= 5% for clean numbers " + ("[green]ok" if share[busiest] <= 0.05 else "[red]noisy"))
     console.print(table)
 
 

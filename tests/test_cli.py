@@ -98,6 +98,7 @@ def test_up_runs_the_loop_refuses_a_second_up_and_stops_cleanly_on_sigterm(tmp_p
         kafka = producer(broker)
         kafka.produce("cdc.late.notes", key=key, value=value)
         kafka.flush(10)
+        del kafka  # before the broker stops, or its client logs reconnect attempts
         wait_until(lambda: httpx.get(f"{api}/documents/late.notes:1").status_code == 200, 60, 0.2,
                    "the late topic's document")
 

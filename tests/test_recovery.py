@@ -38,7 +38,8 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_adds_nothing(broker, s
     ensure_topics(broker, [topic], partitions=1)
     events, expected = scripted_events()
     data_dir = tmp_path / "crash-data"
-    worker = start_worker(data_dir)
+    only_this_topic = ["--cdc-topics", r"^cdc\.crash\."]  # the session's broker has other tests' topics
+    worker = start_worker(data_dir, only_this_topic)
 
     kafka = producer(broker)
     for key, value in events:
@@ -55,7 +56,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_adds_nothing(broker, s
     assert worker.process.returncode == -signal.SIGKILL
     assert applied_before_kill < EVENTS - 500, "the kill came too late to test recovery"
 
-    restarted = start_worker(data_dir)
+    restarted = start_worker(data_dir, only_this_topic)
     wait_until(lambda: restarted.client.get("/metrics").status_code == 200, 30)
     marker_key, marker = change_event("c", "crash", "items", {"id": "marker"},
                                       after={"id": "marker", "title": "end of stream"}, lsn=EVENTS + 1)
