@@ -89,6 +89,7 @@ class CdcProcessor:
     # -- sink: batch, apply durably, then ack ------------------------------------------------
 
     async def _run_sink(self) -> None:
+        """Per batch: deliver its dead letters, apply and commit its changes, then ack every record."""
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
@@ -96,9 +97,9 @@ class CdcProcessor:
                        for p in batch}
             for pending in batch:
                 if pending.error is not None:
-                    await self._send_dead_letter(pending)
+                    await self._until_done("dead-letter delivery", lambda: self._send_dead_letter(pending))
             changes = [p.change for p in batch if p.change is not None]
-            await self._apply_until_done(loop, changes, offsets)
+            await self._until_done("ingest", lambda: loop.run_in_executor(None, self.sink.apply, changes, offsets))
             for pending in batch:
                 await self._stream.ack(pending.event)
             self.batches += 1
@@ -119,17 +120,21 @@ class CdcProcessor:
                 break
         return batch
 
-    async def _apply_until_done(self, loop, changes: list[Change], offsets: dict[str, int]) -> None:
-        """The index must take the batch before anything is acked: retry failures with backoff."""
+    async def _until_done(self, step: str, attempt) -> None:
+        """Nothing is acked before every step of its batch succeeded: retry failures with backoff.
+
+        These are failures of the platform (storage, encoder, broker), not of the input, so
+        the records are kept; /healthz reports the worker down while a step keeps failing.
+        """
         delay = 0.5
         while True:
             try:
-                await loop.run_in_executor(None, self.sink.apply, changes, offsets)
+                await attempt()
                 self.last_error = None
                 return
-            except Exception as exc:  # a storage or encoder failure, not bad input: keep the records
-                self.last_error = f"ingest failed, retrying: {exc!r}"
-                log.exception("ingest batch failed; retrying in %.1f s", delay)
+            except Exception as exc:
+                self.last_error = f"{step} failed, retrying: {exc!r}"
+                log.exception("%s failed; retrying in %.1f s", step, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
