@@ -37,10 +37,14 @@ class Encoder:
     dimension = 384
 
     def __init__(self, model_path: Path | None = None, max_seq_length: int = 256,
-                 batch_size: int = 32, version: str = f"base:{BASE_MODEL_NAME}"):
+                 batch_size: int = 32, version: str = f"base:{BASE_MODEL_NAME}",
+                 state_dict: dict[str, torch.Tensor] | None = None):
+        """The base model's weights, or a fine-tuned ``state_dict`` of the same architecture."""
         path = str(model_path or base_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval()
+        if state_dict is not None:
+            self.model.load_state_dict(state_dict)
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.version = version
