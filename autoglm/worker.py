@@ -65,6 +65,7 @@ def run_worker(settings: Settings) -> None:
     import uvicorn
 
     from autoglm.encoder import Encoder
+    from autoglm.publisher import EventPublisher
     from search.api import create_app
     from search.embedded import EmbeddedIndex
     from search.query import SearchService
@@ -105,7 +106,8 @@ def run_worker(settings: Settings) -> None:
 
     service = SearchService(index, query_encoder.embed_one, query_encoder.version,
                             settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, health), host=settings.api_host,
+    publisher = EventPublisher(settings.broker)
+    server = uvicorn.Server(uvicorn.Config(create_app(service, health, publisher), host=settings.api_host,
                                            port=settings.api_port, log_level="warning",
                                            lifespan="off"))
     api_thread = threading.Thread(target=server.run, name="search-api", daemon=True)
@@ -117,5 +119,6 @@ def run_worker(settings: Settings) -> None:
     finally:
         server.should_exit = True
         api_thread.join(timeout=5)
+        publisher.close()
         index.close()
         lock.close()

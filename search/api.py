@@ -1,20 +1,28 @@
-"""The search HTTP API (FastAPI): /search, /documents/{id}, /healthz, /metrics."""
+"""The search HTTP API (FastAPI): /search, /feedback, /documents/{id}, /healthz, /metrics.
+
+Every /search answer is published as an impression; /feedback validates user actions and
+publishes them. Both go to Kafka keyed by query_id, so the stream processors can join them.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
+from autoglm import topics
+from autoglm.interactions import Feedback, Impression, ShownHit
+from autoglm.publisher import EventPublisher
 from search.query import SearchService, snippet
 
 HealthProbe = Callable[[], dict[str, str | None]]  # component -> None when up, else why it is down
 
 
-def create_app(service: SearchService, health: HealthProbe) -> FastAPI:
+def create_app(service: SearchService, health: HealthProbe, publisher: EventPublisher) -> FastAPI:
     app = FastAPI(title="Open-AutoGLM search", version="0.1.0")
 
     @app.exception_handler(RequestValidationError)
@@ -26,11 +34,18 @@ def create_app(service: SearchService, health: HealthProbe) -> FastAPI:
     @app.get("/search")
     def search(q: str = Query(..., min_length=1, description="plain text; no query syntax"),
                k: int = Query(10, ge=1, le=100),
-               mode: Literal["bm25", "dense", "hybrid"] = "hybrid") -> dict:
+               mode: Literal["bm25", "dense", "hybrid"] = "hybrid",
+               session: str | None = Query(None, description="session id (or header X-Session-Id)"),
+               x_session_id: str | None = Header(None)) -> dict:
         if not q.strip():
             raise RequestValidationError([{"loc": ("query", "q"), "msg": "must not be blank",
                                            "type": "value_error"}])
         result = service.search(q, k=k, mode=mode)
+        publisher.publish(topics.IMPRESSIONS, result.query_id, Impression(
+            query_id=result.query_id, query=q, mode=mode, model_version=result.model_version,
+            session_id=x_session_id or session,
+            hits=[ShownHit(doc_id=hit.id, position=rank, score=hit.score)
+                  for rank, (hit, _) in enumerate(result.hits, start=1)]))
         return {
             "query_id": result.query_id,
             "model_version": result.model_version,
@@ -40,6 +55,28 @@ def create_app(service: SearchService, health: HealthProbe) -> FastAPI:
                       "source": {"table": doc.table, "position": list(doc.position)}}
                      for hit, doc in result.hits],
         }
+
+    @app.post("/feedback", status_code=202)
+    def feedback(events: Any = Body(..., description="one feedback event or a list of them")) -> dict:
+        """All or nothing: when any item is invalid, none is published and each rejection is listed."""
+        items = events if isinstance(events, list) else [events]
+        accepted, rejected = [], []
+        for position, item in enumerate(items):
+            try:
+                accepted.append(Feedback.model_validate(item))
+            except ValidationError as exc:
+                reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}"
+                                    for e in exc.errors())
+                rejected.append({"index": position, "reason": reasons})
+        if not items:
+            rejected.append({"index": None, "reason": "no feedback events in the body"})
+        if rejected:
+            return JSONResponse(status_code=422, content={
+                "error": f"{len(rejected)} of {len(items)} feedback events rejected; none accepted",
+                "rejected": rejected})
+        for event in accepted:
+            publisher.publish(topics.FEEDBACK, event.query_id, event)
+        return {"accepted": len(accepted)}
 
     @app.get("/documents/{doc_id}")
     def document(doc_id: str) -> dict:

@@ -147,3 +147,27 @@ def fresh_topic(broker: str, name: str) -> str:
 
 def json_bytes(value) -> bytes:
     return json.dumps(value).encode()
+
+
+def read_topic(broker: str, topic: str, match: Callable[[object], bool], expected: int,
+               timeout: float = 20.0, decode: Callable[[bytes], object] = json.loads) -> list:
+    """Records of a topic (from the beginning, every partition) whose decoded value matches,
+    as (key, value, headers) tuples, once `expected` of them arrived or timeout passed."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": broker, "group.id": "test-reader", "enable.auto.commit": False})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    found, deadline = [], time.monotonic() + timeout
+    try:
+        while len(found) < expected and time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None or message.error():
+                continue
+            value = decode(message.value()) if message.value() is not None else None
+            if match(value):
+                headers = {name: raw.decode() for name, raw in message.headers() or []}
+                found.append((message.key(), value, headers))
+    finally:
+        consumer.close()
+    return found
