@@ -23,7 +23,8 @@ DEFAULT_API = "http://127.0.0.1:8000"
 
 def _settings(args: argparse.Namespace, broker: str) -> Settings:
     return Settings(broker=broker, group_id=args.group_id, data_dir=Path(args.data_dir),
-                    api_port=args.api_port,
+                    api_port=args.api_port, window_size=args.window_size, window_minutes=args.window_minutes,
+                    feedback_max_wait_s=args.feedback_max_wait,
                     cdc_topics=args.cdc_topics,
                     mapping_file=Path(args.mapping) if args.mapping else None)
 
@@ -35,6 +36,12 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cdc-topics", default=defaults.cdc_topics,
                         help="regular expression of the Debezium topics to index (default %(default)s)")
     parser.add_argument("--mapping", help="TOML file mapping table rows to documents")
+    parser.add_argument("--window-size", type=int, default=defaults.window_size,
+                        help="train when this many new examples exist (default %(default)s)")
+    parser.add_argument("--window-minutes", type=float, default=defaults.window_minutes,
+                        help="... or after this many minutes with a minimum of examples (default %(default)s)")
+    parser.add_argument("--feedback-max-wait", type=float, default=defaults.feedback_max_wait_s,
+                        help="seconds feedback waits for its impression (default %(default)s)")
     parser.add_argument("--group-id", default=defaults.group_id,
                         help="consumer group of the ingest workers (one per index; default %(default)s)")
 
@@ -85,7 +92,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     command = [sys.executable, "-m", "autoglm.cli", "worker", "--broker", address,
                "--data-dir", args.data_dir, "--api-port", str(args.api_port),
-               "--cdc-topics", args.cdc_topics, "--group-id", args.group_id]
+               "--cdc-topics", args.cdc_topics, "--group-id", args.group_id,
+               "--window-size", str(args.window_size), "--window-minutes", str(args.window_minutes),
+               "--feedback-max-wait", str(args.feedback_max_wait)]
     command += ["--mapping", args.mapping] if args.mapping else []
     worker = subprocess.Popen(command, preexec_fn=die_with_parent)
     stopping = threading.Event()

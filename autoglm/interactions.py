@@ -69,3 +69,18 @@ class Feedback(BaseModel):
         if self.type == "dwell" and (self.value is None or self.value < 0):
             raise ValueError("a dwell needs value >= 0 (seconds)")
         return self
+
+
+class TrainingRequest(BaseModel):
+    """A closed window of training examples, published to ``autoglm.training`` for the trainer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_id: int
+    first_seq: int  # example sequence numbers the window was cut from
+    last_seq: int
+    examples: int
+    sessions: int
+    dropped_by_session_cap: int
+    reason: Literal["size", "time"]
+    ts: datetime = Field(default_factory=utc_now)

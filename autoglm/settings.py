@@ -32,6 +32,13 @@ class Settings:
     # How often the worker looks for new topics matching cdc_topics.
     topic_refresh_s: float = 5.0
     topic_partitions: int = 4
+    # Feedback -> training windows (issue 3).
+    window_size: int = 1000  # close a window when this many new examples exist
+    window_minutes: float = 60.0  # ... or after this long, with at least window_min of them
+    window_min: int = 100
+    session_share: float = 0.05  # at most this share of a window from one session
+    impression_ttl_s: float = 3600.0  # feedback is joined to impressions younger than this
+    feedback_max_wait_s: float = 60.0  # feedback waits this long for its impression
     rrf_k: int = 60
     fusion_weights: FusionWeights = field(default_factory=FusionWeights)
     fusion_candidates: int = 100

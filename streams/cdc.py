@@ -24,6 +24,7 @@ from autoglm import metrics, topics
 from autoglm.events import BadEvent, Op, parse_change
 from autoglm.settings import Settings
 from search.protocol import Deletion
+from streams.dead_letters import DeadLetters
 from streams.ingest import Change, IngestSink, Truncate
 from streams.mapping import Mapper
 
@@ -52,7 +53,7 @@ class CdcProcessor:
         self.batches = 0
         self.topic = app.topic(*topics.matching_topics(settings.broker, settings.cdc_topics),
                                key_serializer="raw", value_serializer="raw")
-        self.dead_letters = app.topic(topics.DEAD_LETTERS, key_serializer="raw", value_serializer="raw")
+        self.dead_letters = DeadLetters(app)
         self._stream = None
         self._channel = None
         app.agent(self.topic, name="cdc-ingest")(self._read)
@@ -97,7 +98,8 @@ class CdcProcessor:
                        for p in batch}
             for pending in batch:
                 if pending.error is not None:
-                    await self._until_done("dead-letter delivery", lambda: self._send_dead_letter(pending))
+                    await self._until_done("dead-letter delivery",
+                                           lambda: self.dead_letters.send(pending.event.message, pending.error))
             changes = [p.change for p in batch if p.change is not None]
             await self._until_done("ingest", lambda: loop.run_in_executor(None, self.sink.apply, changes, offsets))
             for pending in batch:
@@ -137,17 +139,6 @@ class CdcProcessor:
                 log.exception("%s failed; retrying in %.1f s", step, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-
-    async def _send_dead_letter(self, pending: _Pending) -> None:
-        message = pending.event.message
-        reason = pending.error or "unknown"
-        headers = [("error", reason.encode()), ("source.topic", message.topic.encode()),
-                   ("source.partition", str(message.partition).encode()),
-                   ("source.offset", str(message.offset).encode())]
-        delivery = await self.dead_letters.send(key=message.key, value=message.value, headers=headers)
-        await delivery
-        metrics.DEAD_LETTERS.labels(reason.split(":")[0]).inc()
-        log.warning("dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason)
 
     # -- topics created after start --------------------------------------------------------
 

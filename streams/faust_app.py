@@ -2,7 +2,8 @@
 
 Settings (see ../shared/notes/broker.md): replication factor 1, a 6 s session timeout
 and 1 s heartbeats (Faust's 60 s default delays the first assignment by ~30 s), offsets
-from the earliest record for a new group, and no Faust web server.
+from the earliest record for a new group, one record per producer batch (table recovery),
+and no Faust web server.
 
 Faust hard-codes aiokafka's ``fetch_max_wait_ms`` to 1500. A broker that answers a fetch
 only when data reaches one of its partitions then holds new records on the others for up
@@ -47,6 +48,9 @@ def create_faust_app(app_id: str, settings: Settings) -> faust.App:
         broker_session_timeout=6,
         broker_heartbeat_interval=1,
         broker_commit_interval=1.0,
+        # One record per producer batch: with larger batches the embedded broker reports wrong
+        # high watermarks and table recovery from changelogs silently loses records.
+        producer_max_batch_size=1,
     )
     app.transport.Consumer = _PromptConsumer
     return app
