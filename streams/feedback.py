@@ -61,6 +61,7 @@ class FeedbackProcessor:
 
     async def _join(self, stream) -> None:
         async for event in stream.events():
+            await self._expire()
             message = event.message
             kind = "impression" if message.topic == topics.IMPRESSIONS else "feedback"
             try:
@@ -69,14 +70,18 @@ class FeedbackProcessor:
                 FEEDBACK_EVENTS.labels(kind, "invalid").inc()
                 await self.dead_letters.send(message, f"invalid {kind}: {_first_error(exc)}")
                 continue
-            if isinstance(parsed, Impression):
-                await self._on_impression(parsed)
-            else:
-                await self._on_feedback(parsed, message)
-            await self._expire()
+            try:
+                if isinstance(parsed, Impression):
+                    await self._on_impression(parsed)
+                else:
+                    await self._on_feedback(parsed, message)
+            except Exception as exc:  # a bug must cost one record, not the stream
+                log.exception("feedback processing failed")
+                FEEDBACK_EVENTS.labels(kind, "failed").inc()
+                await self.dead_letters.send(message, f"processing failed: {exc!r}")
 
     async def _on_impression(self, impression: Impression) -> None:
-        state = self.interactions[impression.query_id] or _new_state()
+        state = self.interactions.get(impression.query_id) or _new_state()
         if state["impression"] is not None:
             FEEDBACK_EVENTS.labels("impression", "duplicate").inc()
             return
@@ -89,7 +94,7 @@ class FeedbackProcessor:
         await self._add_examples(impression, [f for f in waiting if is_positive(f, self.policy)], waiting)
 
     async def _on_feedback(self, event: Feedback, message) -> None:
-        state = self.interactions[event.query_id] or _new_state()
+        state = self.interactions.get(event.query_id) or _new_state()
         if str(event.event_id) in state["event_ids"]:
             FEEDBACK_EVENTS.labels("feedback", "duplicate").inc()
             return
