@@ -204,6 +204,13 @@ class EmbeddedIndex:
                                  metadata=json.loads(row[4]), position=tuple(json.loads(row[5])),
                                  source_ts_ms=row[6]) for row in rows}
 
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        with self._lock:
+            keys = dict(self._db.execute(
+                f"SELECT id, vector_key FROM documents WHERE deleted = 0 AND id IN ({','.join('?' * len(ids))})",
+                list(ids)).fetchall()) if ids else {}
+            return {doc_id: np.asarray(self._vectors.get(key), dtype=np.float32) for doc_id, key in keys.items()}
+
     def search_text(self, query: str, k: int) -> list[Hit]:
         words = plain_text_query(query)
         if not words:

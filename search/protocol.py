@@ -99,6 +99,9 @@ class Index(Protocol):
     def get_many(self, ids: Sequence[str]) -> dict[str, Document]:
         ...
 
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Stored vectors of live documents (the trainer's frozen document side)."""
+
     def search_text(self, query: str, k: int) -> list[Hit]:
         """BM25 over title and text; the query is plain text (no query syntax)."""
 

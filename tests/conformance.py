@@ -88,6 +88,15 @@ class IndexConformance:
         assert not states["public.items:2"].deleted and "public.items:5" not in states
         assert index.count() == 1
 
+    def test_vectors_returns_stored_vectors_of_live_documents(self, index):
+        self.write(index, [Upsert(doc("public.items:1", "a"), unit_vector(1)),
+                           Upsert(doc("public.items:2", "b"), unit_vector(2))])
+        self.write(index, deletions=[Deletion("public.items:2", "public.items", ("lsn", 3))])
+        found = index.vectors(["public.items:1", "public.items:2", "public.items:9"])
+        assert list(found) == ["public.items:1"]
+        assert np.allclose(found["public.items:1"], unit_vector(1), atol=1e-6)
+        assert index.vectors([]) == {}
+
     def test_upsert_after_delete_revives_the_document(self, index):
         self.write(index, [Upsert(doc("public.items:1", "First life"), unit_vector(1))])
         self.write(index, deletions=[Deletion("public.items:1", "public.items", ("lsn", 2))])
