@@ -150,6 +150,28 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load_dataset(args: argparse.Namespace) -> int:
+    from autoglm.datasets import publish_corpus
+
+    topic, count = publish_corpus(args.broker, Path(args.dataset), limit=args.limit)
+    print(f"published {count} snapshot events to {topic}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from autoglm.simulate import ClickModel, simulate
+
+    if args.click_model != "pbm":
+        print("autoglm: only the position-based click model (pbm) is available", file=sys.stderr)
+        return 2
+    report = simulate(args.api, Path(args.dataset), args.queries, split=args.split, seed=args.seed,
+                      model=ClickModel(eta=args.eta, click_relevant=args.click_relevant, click_noise=args.noise))
+    share = report.relevant_clicks / report.clicks if report.clicks else 0.0
+    print(f"{report.searches} searches over {len(report.queries)} queries: {report.clicks} clicks, "
+          f"{share:.0%} on relevant documents")
+    return 0
+
+
 def _healthy(api: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api}/healthz", timeout=2) as response:
@@ -192,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the raw JSON answer")
     search.add_argument("--api", default=os.environ.get("AUTOGLM_API", DEFAULT_API))
     search.set_defaults(func=cmd_search)
+    load = sub.add_parser("load-dataset", help="publish a BEIR corpus as Debezium snapshot events")
+    load.add_argument("--dataset", required=True, help="BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/)")
+    load.add_argument("--broker", required=True)
+    load.add_argument("--limit", type=int, help="only the first N documents")
+    load.set_defaults(func=cmd_load_dataset)
+
+    sim = sub.add_parser("simulate", help="simulated users: real searches, clicks from a click model")
+    sim.add_argument("--dataset", required=True)
+    sim.add_argument("--split", default="train", choices=["train"])
+    sim.add_argument("--queries", type=int, default=1000, help="number of searches")
+    sim.add_argument("--click-model", default="pbm", choices=["pbm"])
+    sim.add_argument("--eta", type=float, default=0.8, help="examination 1 / rank ** eta")
+    sim.add_argument("--click-relevant", type=float, default=0.9)
+    sim.add_argument("--noise", type=float, default=0.1, help="click probability of an irrelevant result")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--api", default=os.environ.get("AUTOGLM_API", DEFAULT_API))
+    sim.set_defaults(func=cmd_simulate)
     return parser
 
 

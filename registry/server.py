@@ -80,6 +80,11 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The `mlflow server` CLI process, leader of the process group holding uvicorn and its workers."""
+        return self._process.pid if self._process else None
+
     def start(self, timeout: float = 90.0) -> "MlflowServer":
         """Start the server and return once GET /health answers."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -124,7 +129,7 @@ class MlflowServer:
         """SIGTERM (graceful, forwarded to uvicorn), then SIGKILL to the whole process group."""
         if self._process is None:
             return
-        group = self._process.pid
+        group = self.pid
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
             try:
