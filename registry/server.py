@@ -87,6 +87,8 @@ class MlflowServer:
 
     def start(self, timeout: float = 90.0) -> "MlflowServer":
         """Start the server and return once GET /health answers."""
+        if self._process is not None:
+            raise RuntimeError(f"mlflow server already started (pid {self.pid})")
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_sqlite_schema(self.db_path)
         env = {
@@ -112,8 +114,9 @@ class MlflowServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise ServerStartError(f"mlflow server exited with code {self._process.returncode}; "
-                                       f"log tail:\n{self.log_tail()}")
+                code = self._process.returncode
+                self.stop()
+                raise ServerStartError(f"mlflow server exited with code {code}; log tail:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:

@@ -90,6 +90,7 @@ class FeedbackProcessor:
         self.store.add_rank_stats(shown_ranks=len(impression.hits))
         FEEDBACK_EVENTS.labels("impression", "joined").inc()
         waiting = [Feedback.model_validate(item["event"]) for item in state["feedback"]]
+        FEEDBACK_EVENTS.labels("feedback", "joined").inc(len(waiting))
         self.interactions[impression.query_id] = state
         await self._add_examples(impression, [f for f in waiting if is_positive(f, self.policy)], waiting)
 

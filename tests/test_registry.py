@@ -16,7 +16,7 @@ import torch
 from autoglm.encoder import Encoder
 from registry.models import (CHALLENGER, CHAMPION, DECISION_TAG, EXPERIMENT_NAME, LOSS_METRIC, MODEL_NAME,
                              REJECTION_REASON_TAG, ModelNotFound, ModelRegistry)
-from registry.server import MlflowServer, ensure_sqlite_schema
+from registry.server import MlflowServer, ensure_sqlite_schema, webhook_secret_key
 from tests.conftest import wait_until
 
 QUERIES = ["how do vaccines train the immune system", "graphene conductivity at room temperature"]
@@ -50,7 +50,7 @@ def registry(tmp_path_factory) -> ModelRegistry:
 
 def log(registry: ModelRegistry, state: dict[str, torch.Tensor], extra: dict[str, Path] | None = None) -> str:
     return registry.log_training(params={"lr": 2e-5, "batch_size": 16}, loss_curve=[0.9, 0.6, 0.4],
-                                 metrics={"ndcg@10": 0.71}, lineage={"parent_version": "base", "feedback_offset": "42"},
+                                 metrics={"ndcg_at_10": 0.71}, lineage={"parent_version": "base", "feedback_offset": "42"},
                                  state_dict=state, extra_artifacts=extra)
 
 
@@ -68,7 +68,7 @@ def test_log_training_records_one_run(registry, tuned_state, tmp_path):
     assert run.data.params["lr"] == "2e-05"
     assert run.data.params["lineage.parent_version"] == run.data.tags["lineage.parent_version"] == "base"
     assert run.data.tags["lineage.feedback_offset"] == "42"
-    assert run.data.metrics["ndcg@10"] == 0.71
+    assert run.data.metrics["ndcg_at_10"] == 0.71
     curve = registry.client.get_metric_history(run_id, LOSS_METRIC)
     assert [(point.step, point.value) for point in sorted(curve, key=lambda p: p.step)] == [(0, 0.9), (1, 0.6), (2, 0.4)]
     assert [item.path for item in registry.client.list_artifacts(run_id, "extras")] == ["extras/replay.jsonl"]
@@ -117,12 +117,12 @@ def test_missing_alias_is_none_and_load_says_which(registry):
 def test_rejection_tags_the_run_and_creates_no_version(registry, tuned_state):
     before = len(registry.versions())
     run_id = log(registry, tuned_state)
-    registry.record_rejection(run_id, "ndcg@10 fell by 0.04 on the holdout", {"holdout_ndcg@10": 0.67})
+    registry.record_rejection(run_id, "ndcg_at_10 fell by 0.04 on the holdout", {"holdout_ndcg_at_10": 0.67})
 
     run = registry.client.get_run(run_id)
     assert run.data.tags[DECISION_TAG] == "rejected"
-    assert run.data.tags[REJECTION_REASON_TAG] == "ndcg@10 fell by 0.04 on the holdout"
-    assert run.data.metrics["holdout_ndcg@10"] == 0.67
+    assert run.data.tags[REJECTION_REASON_TAG] == "ndcg_at_10 fell by 0.04 on the holdout"
+    assert run.data.metrics["holdout_ndcg_at_10"] == 0.67
     assert len(registry.versions()) == before
     assert run_id not in {entry["run_id"] for entry in registry.versions()}
 
@@ -136,7 +136,7 @@ def test_versions_list_aliases_as_they_move(registry, tuned_state):
     listing = {entry["version"]: entry for entry in registry.versions()}
     assert listing[first]["aliases"] == [CHAMPION] and listing[second]["aliases"] == [CHALLENGER]
     assert listing[first]["tags"] == {"role": "first"}
-    assert listing[first]["metrics"] == {LOSS_METRIC: 0.4, "ndcg@10": 0.71}
+    assert listing[first]["metrics"] == {LOSS_METRIC: 0.4, "ndcg_at_10": 0.71}
     assert [entry["version"] for entry in registry.versions()] == sorted(listing, key=int, reverse=True)
 
     registry.set_alias(CHAMPION, second)  # promotion: the alias moves off the first version
@@ -149,41 +149,35 @@ def test_versions_list_aliases_as_they_move(registry, tuned_state):
 # Tracking server over HTTP ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One server for the module: starting one takes ~5-10 s."""
-    with MlflowServer(tmp_path_factory.mktemp("server-data")) as running:
-        yield running
+def test_server_serves_the_registry_over_http_and_stops_clean(tmp_path, tuned_state, tuned_vectors):
+    """One server start (~5-10 s) for the whole lifecycle: answer, register, alias, load, stop."""
+    with MlflowServer(tmp_path) as server:
+        assert httpx.get(f"{server.url}/health").text == "OK"
+        registry = ModelRegistry(server.url)
+        assert registry.version_for(CHAMPION) is None  # before the registered model even exists
 
+        version = registry.register(log(registry, tuned_state), tags={"gate": "passed"})
+        assert isinstance(version, str)
+        registry.set_alias(CHAMPION, version)
+        assert registry.version_for(CHAMPION) == version
+        np.testing.assert_allclose(registry.load_encoder(CHAMPION).embed(QUERIES), tuned_vectors, atol=1e-6)
+        assert registry.versions()[0]["aliases"] == [CHAMPION]
+        assert list(server.artifacts_dir.rglob("state_dict.pt")), "artifacts go to --artifacts-destination"
 
-def test_server_answers_and_registry_works_over_http(server, tuned_state, tuned_vectors):
-    assert httpx.get(f"{server.url}/health").text == "OK"
-    registry = ModelRegistry(server.url)
-    assert registry.version_for(CHAMPION) is None  # before the registered model even exists
-
-    version = registry.register(log(registry, tuned_state), tags={"gate": "passed"})
-    assert isinstance(version, str)
-    registry.set_alias(CHAMPION, version)
-    assert registry.version_for(CHAMPION) == version
-    np.testing.assert_allclose(registry.load_encoder(CHAMPION).embed(QUERIES), tuned_vectors, atol=1e-6)
-    assert registry.versions()[0]["aliases"] == [CHAMPION]
-    assert list(server.artifacts_dir.rglob("state_dict.pt")), "artifacts go to --artifacts-destination"
-
-
-def test_restart_keeps_versions_and_stop_leaves_no_process(server):
-    registry = ModelRegistry(server.url)
-    listing = registry.versions()
-    key = (server.root / "webhook.key").read_bytes()
-    group = server.pid
-
-    started = time.monotonic()
-    server.stop()
-    assert time.monotonic() - started < 10
+        group = server.pid
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 10
     wait_until(lambda: not live_processes_in_group(group), 5, 0.1, "the server's processes to exit")
 
-    server.start()  # the db exists: no second upgrade; the webhook key is reused
-    assert (server.root / "webhook.key").read_bytes() == key
-    assert registry.versions() == listing
+
+def test_schema_and_webhook_key_are_made_once(tmp_path):
+    """A restart must neither migrate the db again nor change the key that decrypts webhook secrets."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"stand-in for an upgraded db")
+    ensure_sqlite_schema(db)
+    assert db.read_bytes() == b"stand-in for an upgraded db"
+    key = webhook_secret_key(tmp_path / "webhook.key")
+    assert webhook_secret_key(tmp_path / "webhook.key") == key and len(key) == 44
 
 
 def live_processes_in_group(group: int) -> list[int]:

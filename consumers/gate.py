@@ -1,0 +1,90 @@
+"""The promotion gate: a fine-tuned query encoder replaces the champion only if no metric got worse.
+
+Both models are measured the same way, by dense retrieval from the live index (whose document
+vectors are frozen, so only the query encoder differs): on a labelled gate set, on examples
+held out of the training window, and on the gate queries about other topics than the window,
+where a model that over-fits the latest clicks forgets what it knew.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from autoglm.beir import ndcg_at_k
+from feedback.examples import TrainingExample
+from search.protocol import Index
+
+EmbedQueries = Callable[[list[str]], np.ndarray]  # e.g. Encoder.embed
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    epsilon: float = 0.005  # a candidate may trail the champion by this much (noise), no more
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reasons: list[str]  # one line per metric compared, for the run's log and tags
+
+
+def evaluate(embed_queries: EmbedQueries, index: Index, queries: Mapping[str, str],
+             qrels: Mapping[str, Mapping[str, int]], k: int = 10) -> dict[str, float]:
+    """nDCG@k and MRR@k of dense retrieval over the qrels' queries (those with a text)."""
+    query_ids = [qid for qid in qrels if qid in queries]
+    rankings = _dense_rankings(embed_queries, index, [queries[qid] for qid in query_ids], k)
+    ndcg = [ndcg_at_k(ranked, qrels[qid], k) for qid, ranked in zip(query_ids, rankings)]
+    mrr = [_reciprocal_rank(ranked, {d for d, rel in qrels[qid].items() if rel > 0})
+           for qid, ranked in zip(query_ids, rankings)]
+    return {f"ndcg@{k}": _mean(ndcg), f"mrr@{k}": _mean(mrr), "queries": len(query_ids)}
+
+
+def holdout_mrr(embed_queries: EmbedQueries, index: Index, examples: list[TrainingExample],
+                k: int = 10) -> float:
+    """MRR@k of each held-out example's clicked document: the gate for what users actually chose."""
+    rankings = _dense_rankings(embed_queries, index, [e.query for e in examples], k)
+    return _mean([_reciprocal_rank(ranked, {e.positive_id}) for e, ranked in zip(examples, rankings)])
+
+
+def forgetting_subset(qrels: Mapping[str, Mapping[str, int]],
+                      examples: list[TrainingExample]) -> dict[str, dict[str, int]]:
+    """The gate queries none of whose relevant documents the window mentions (as positive or
+    negative): topics the window did not train, where any loss is forgetting."""
+    mentioned = {doc_id for e in examples for doc_id in (e.positive_id, *e.negative_ids)}
+    return {qid: dict(relevant) for qid, relevant in qrels.items() if not mentioned & set(relevant)}
+
+
+def decide(candidate: Mapping[str, float], champion: Mapping[str, float],
+           epsilon: float = GateConfig.epsilon) -> GateDecision:
+    """Pass if, on every metric both sides report, candidate >= champion - epsilon.
+
+    Names ending in "queries" are counts, not quality, and are not compared; a gate that
+    compares nothing fails, since it has shown nothing.
+    """
+    names = [name for name in candidate if name in champion and not name.endswith("queries")]
+    if not names:
+        return GateDecision(False, ["no metric in common with the champion"])
+    reasons, passed = [], True
+    for name in sorted(names):
+        ours, floor = candidate[name], champion[name] - epsilon
+        ok = not math.isnan(ours) and ours >= floor
+        passed &= ok
+        reasons.append(f"{name}: {ours:.4f} {'>=' if ok else '<'} {floor:.4f} "
+                       f"(champion {champion[name]:.4f} - {epsilon})")
+    return GateDecision(passed, reasons)
+
+
+def _dense_rankings(embed_queries: EmbedQueries, index: Index, texts: list[str], k: int) -> list[list[str]]:
+    return [[hit.id for hit in index.search_vector(vector, k)] for vector in embed_queries(texts)]
+
+
+def _reciprocal_rank(ranked: list[str], relevant: set[str]) -> float:
+    return next((1.0 / rank for rank, doc_id in enumerate(ranked, start=1) if doc_id in relevant), 0.0)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

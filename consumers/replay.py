@@ -1,0 +1,64 @@
+"""A fixed-size, uniform sample of every training example seen so far, rehearsed in later runs.
+
+Reservoir sampling (Vitter's Algorithm R) keeps each of the ``seen`` examples with the same
+probability capacity / seen, however long the stream runs, so old topics stay represented
+without storing the whole history. The buffer is saved as JSON next to the model it trained
+(an MLflow artifact), so a model version and the memory it was trained with travel together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from feedback.examples import TrainingExample
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int = 5000, seed: int = 0):
+        self.capacity = capacity
+        self.seen = 0  # examples offered to the buffer, kept or not
+        self.items: list[TrainingExample] = []
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, examples: list[TrainingExample]) -> None:
+        """Offer examples in stream order; after this each seen example is kept w.p. capacity / seen."""
+        for example in examples:
+            self.seen += 1
+            if len(self.items) < self.capacity:
+                self.items.append(example)
+            else:
+                slot = int(self._rng.integers(self.seen))
+                if slot < self.capacity:
+                    self.items[slot] = example
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[TrainingExample]:
+        """Up to n distinct buffered examples, chosen uniformly."""
+        picked = rng.choice(len(self.items), min(n, len(self.items)), replace=False)
+        return [self.items[i] for i in picked]
+
+    def save(self, path: Path) -> None:
+        """Write JSON atomically (temporary file, then rename), random state included, so a
+        loaded buffer continues exactly as this one would have."""
+        body = {"capacity": self.capacity, "seen": self.seen, "rng": self._rng.bit_generator.state,
+                "items": [asdict(e) for e in self.items]}
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ReplayBuffer":
+        body = json.loads(Path(path).read_text())
+        buffer = cls(capacity=body["capacity"])
+        buffer.seen = body["seen"]
+        buffer._rng.bit_generator.state = body["rng"]
+        buffer.items = [TrainingExample(**{**item, "negative_ids": tuple(item["negative_ids"])})
+                        for item in body["items"]]
+        return buffer

@@ -1,0 +1,210 @@
+"""Query-side fine-tuning, the promotion gate and the replay buffer, on a small real SciFact problem.
+
+The problem: about 400 SciFact abstracts (the relevant documents of the chosen queries plus
+random distractors) embedded by the base model into a real EmbeddedIndex. Training examples
+come from train queries of the fit split, one per (query, relevant document), with the base
+model's non-relevant top results as hard negatives; the gate queries come from the dev split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoglm import beir
+from autoglm.encoder import Encoder
+from consumers.finetune import TrainConfig, _other_positives, fine_tune
+from consumers.gate import GateConfig, decide, evaluate, forgetting_subset, holdout_mrr
+from consumers.replay import ReplayBuffer
+from feedback.examples import TrainingExample, example_id
+from search.embedded import EmbeddedIndex
+from search.protocol import Document, Upsert
+
+SCIFACT = Path("/work/shared/data/scifact")
+TRAINED_QUERIES, REPLAY_QUERIES, GATE_QUERIES, CORPUS_SIZE = 130, 40, 60, 400
+RUN = TrainConfig(lr=8e-5, epochs=3, seed=7)
+
+pytestmark = pytest.mark.skipif(not SCIFACT.exists(), reason="SciFact is not at /work/shared/data/scifact")
+
+
+def make_example(query_id: str, query: str, positive: str, negatives=(), weight=1.0, rank=1) -> TrainingExample:
+    return TrainingExample(example_id=example_id(query_id, positive), query_id=query_id, query=query,
+                           positive_id=positive, negative_ids=tuple(negatives), weight=weight, rank=rank,
+                           session_id=None, model_version="base")
+
+
+@dataclasses.dataclass
+class Problem:
+    encoder: Encoder
+    index: EmbeddedIndex
+    queries: dict[str, str]
+    trained: dict[str, dict[str, int]]  # qrels of the queries the window's examples come from
+    gate: dict[str, dict[str, int]]
+    window: list[TrainingExample]
+    replay: list[TrainingExample]
+
+
+def examples_for(qrels: dict, queries: dict, index: EmbeddedIndex, encoder: Encoder) -> list[TrainingExample]:
+    """One example per (query, relevant document); hard negatives are the base model's
+    non-relevant top-10; the weight is the inverse propensity of the positive's base rank."""
+    query_ids = list(qrels)
+    examples = []
+    for qid, vector in zip(query_ids, encoder.embed([queries[q] for q in query_ids])):
+        ranked = [hit.id for hit in index.search_vector(vector, 10)]
+        negatives = [doc for doc in ranked if doc not in qrels[qid]][:5]
+        for doc in qrels[qid]:
+            rank = ranked.index(doc) + 1 if doc in ranked else 11
+            examples.append(make_example(qid, queries[qid], doc, negatives, min(10.0, rank ** 0.8), rank))
+    return examples
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory) -> Problem:
+    queries = beir.read_queries(SCIFACT)
+    fit, dev = beir.split_train(beir.read_qrels(SCIFACT, "train"))
+    rng = random.Random(11)
+    fit_ids = rng.sample(sorted(fit), TRAINED_QUERIES + REPLAY_QUERIES)
+    trained = {q: fit[q] for q in fit_ids[:TRAINED_QUERIES]}
+    older = {q: fit[q] for q in fit_ids[TRAINED_QUERIES:]}
+    gate = {q: dev[q] for q in rng.sample(sorted(dev), GATE_QUERIES)}
+
+    corpus = {doc.id: doc for doc in beir.read_corpus(SCIFACT)}
+    relevant = {doc for qrels in (trained, older, gate) for rel in qrels.values() for doc in rel}
+    distractors = rng.sample(sorted(set(corpus) - relevant), CORPUS_SIZE - len(relevant))
+    documents = [corpus[doc_id] for doc_id in sorted(relevant) + distractors]
+
+    encoder = Encoder()
+    vectors = encoder.embed([f"{d.title} {d.text}".strip() for d in documents])
+    index = EmbeddedIndex(tmp_path_factory.mktemp("index"))
+    index.write_batch([Upsert(Document(id=d.id, table="scifact.corpus", title=d.title, text=d.text), vector)
+                       for d, vector in zip(documents, vectors)], [])
+    index.commit({})
+    yield Problem(encoder, index, queries, trained, gate, examples_for(trained, queries, index, encoder),
+                  examples_for(older, queries, index, encoder))
+    index.close()
+
+
+@pytest.fixture(scope="module")
+def run(problem):
+    """One fine-tuning run of 3 epochs over the window, the input encoder's weights kept to compare."""
+    before = {name: tensor.clone() for name, tensor in problem.encoder.model.state_dict().items()}
+    result = fine_tune(problem.encoder, problem.window, problem.replay, problem.index.vectors, RUN)
+    return result, before, Encoder(state_dict=result.state_dict, version="candidate")
+
+
+def test_fine_tuning_improves_the_trained_queries(problem, run):
+    result, _, candidate = run
+    base = evaluate(problem.encoder.embed, problem.index, problem.queries, problem.trained)
+    tuned = evaluate(candidate.embed, problem.index, problem.queries, problem.trained)
+    gate_base = evaluate(problem.encoder.embed, problem.index, problem.queries, problem.gate)
+    gate_tuned = evaluate(candidate.embed, problem.index, problem.queries, problem.gate)
+    print(f"\ntrained nDCG@10 {base['ndcg@10']:.3f} -> {tuned['ndcg@10']:.3f}, gate (dev) nDCG@10 "
+          f"{gate_base['ndcg@10']:.3f} -> {gate_tuned['ndcg@10']:.3f}; {result.steps} steps in "
+          f"{result.seconds:.1f} s ({result.seconds / result.steps:.2f} s/step)")
+    assert base["queries"] == TRAINED_QUERIES and result.examples_used == len(problem.window)
+    assert tuned["ndcg@10"] > base["ndcg@10"] + 0.05
+    assert tuned["mrr@10"] > base["mrr@10"]
+    assert holdout_mrr(candidate.embed, problem.index, problem.window) > \
+        holdout_mrr(problem.encoder.embed, problem.index, problem.window)
+    assert gate_tuned["ndcg@10"] > gate_base["ndcg@10"] - 0.05  # other queries: no collapse
+
+
+def test_loss_decreases_and_the_input_encoder_is_unchanged(problem, run):
+    result, before, _ = run
+    assert not result.stopped_early and result.steps == len(result.loss_curve) > 10
+    assert np.mean(result.loss_curve[-3:]) < 0.8 * np.mean(result.loss_curve[:3])
+    after = problem.encoder.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not problem.encoder.model.training
+
+
+def test_batches_draw_the_replay_share_from_older_examples(run):
+    result, _, _ = run
+    share = result.replay_items / (result.replay_items + result.window_items)
+    assert result.replay_items > 0 and abs(share - RUN.replay_ratio) < 0.01
+
+
+def test_the_same_seed_gives_the_same_run_and_missing_positives_are_skipped(problem):
+    window = problem.window[:15] + [make_example("gone", "a deleted document", "no-such-doc")]
+    config = TrainConfig(lr=5e-5, batch_size=8, seed=3)
+    first, second = (fine_tune(problem.encoder, window, problem.replay, problem.index.vectors, config,
+                               progress=False) for _ in range(2))
+    assert first.examples_used == 15 and first.steps == 2
+    assert first.loss_curve == second.loss_curve
+    assert all(torch.equal(first.state_dict[name], second.state_dict[name]) for name in first.state_dict)
+
+
+def test_a_run_stops_at_max_seconds(problem):
+    config = TrainConfig(lr=5e-5, epochs=50, max_seconds=4.0)
+    result = fine_tune(problem.encoder, problem.window, [], problem.index.vectors, config, progress=False)
+    assert result.stopped_early and 0 < result.steps < 50 * math.ceil(len(problem.window) / 32)
+    assert result.seconds < config.max_seconds + 1.5  # stops before a step that would end past it
+
+
+def test_other_clicks_on_the_same_query_are_not_negatives():
+    items = [make_example("q1", "Vitamin D", "a", ["n"]), make_example("q2", "vitamin d ", "b"),
+             make_example("q3", "other", "c", ["a"])]
+    mask = _other_positives(items, {"a": 0, "b": 1, "c": 2, "n": 3})
+    assert mask.tolist() == [[False, True, False, False], [True, False, False, False],
+                             [False, False, False, False]]
+
+
+def test_forgetting_subset_keeps_queries_the_window_never_mentions():
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1, "x": 1}, "q3": {"c": 1}, "q4": {"d": 1}}
+    window = [make_example("s1", "q", "a", ["x"]), make_example("s2", "q", "d")]
+    assert forgetting_subset(qrels, window) == {"q3": {"c": 1}}
+
+
+def test_gate_passes_within_epsilon_and_fails_on_any_regression():
+    champion = {"gate.ndcg@10": 0.700, "gate.mrr@10": 0.650, "holdout.mrr@10": 0.500,
+                "forgetting.ndcg@10": 0.600, "gate.queries": 60}
+    eps = GateConfig().epsilon
+    better = {**champion, "gate.ndcg@10": 0.720, "forgetting.ndcg@10": 0.600 - eps / 2}
+    decision = decide(better, champion, eps)
+    assert decision.passed and len(decision.reasons) == 4
+    forgot = {**better, "forgetting.ndcg@10": 0.600 - 2 * eps}
+    decision = decide(forgot, champion, eps)
+    assert not decision.passed
+    assert [r for r in decision.reasons if " < " in r] == [r for r in decision.reasons if "forgetting" in r]
+    assert not decide({**champion, "gate.mrr@10": float("nan")}, champion, eps).passed
+    assert not decide({"other.ndcg@10": 0.9}, champion, eps).passed  # nothing compared, nothing shown
+    assert decide({"gate.ndcg@10": 0.71, "new.metric": 0.0}, champion, eps).passed  # only shared names count
+
+
+def stream(n: int) -> list[TrainingExample]:
+    return [make_example(f"q{i}", f"query {i}", f"d{i}") for i in range(n)]
+
+
+def test_replay_buffer_keeps_a_uniform_sample_of_the_stream():
+    buffer, examples = ReplayBuffer(capacity=1000, seed=5), stream(20_000)
+    for start in range(0, len(examples), 700):  # chunks as windows arrive
+        buffer.add(examples[start:start + 700])
+    assert buffer.seen == 20_000 and len(buffer) == 1000
+    positions = [int(e.query_id[1:]) for e in buffer.items]
+    assert len(set(positions)) == 1000
+    counts = np.bincount(np.array(positions) // 2000, minlength=10)  # expected 100 per tenth of the stream
+    chi_square = float(((counts - 100) ** 2 / 100).sum())
+    assert chi_square < 27.9, counts  # chi-square, 9 degrees of freedom, p = 0.001
+
+    small = ReplayBuffer(capacity=10)
+    small.add(stream(4))
+    assert len(small) == 4 and len(small.sample(8, np.random.default_rng(0))) == 4
+
+
+def test_replay_buffer_survives_save_and_load(tmp_path):
+    buffer = ReplayBuffer(capacity=50, seed=1)
+    buffer.add([make_example(f"q{i}", f"query {i}", f"d{i}", [f"n{i}", "m"], weight=1.5) for i in range(120)])
+    buffer.save(tmp_path / "replay.json")
+    loaded = ReplayBuffer.load(tmp_path / "replay.json")
+    assert (loaded.capacity, loaded.seen, loaded.items) == (50, 120, buffer.items)
+    assert isinstance(loaded.items[0].negative_ids, tuple)
+    more = stream(300)
+    buffer.add(more)
+    loaded.add(more)
+    assert loaded.items == buffer.items  # the random state travels with the buffer
