@@ -24,7 +24,9 @@ DEFAULT_API = "http://127.0.0.1:8000"
 def _settings(args: argparse.Namespace, broker: str) -> Settings:
     return Settings(broker=broker, group_id=args.group_id, data_dir=Path(args.data_dir),
                     api_port=args.api_port, window_size=args.window_size, window_minutes=args.window_minutes,
-                    feedback_max_wait_s=args.feedback_max_wait,
+                    feedback_max_wait_s=args.feedback_max_wait, mlflow_uri=args.mlflow_uri,
+                    gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
+                    promote_champion=args.promote_champion,
                     cdc_topics=args.cdc_topics,
                     mapping_file=Path(args.mapping) if args.mapping else None)
 
@@ -42,6 +44,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="... or after this many minutes with a minimum of examples (default %(default)s)")
     parser.add_argument("--feedback-max-wait", type=float, default=defaults.feedback_max_wait_s,
                         help="seconds feedback waits for its impression (default %(default)s)")
+    parser.add_argument("--gate-dataset", help="BEIR folder whose train dev split gates every candidate model")
+    parser.add_argument("--promote-champion", action="store_true",
+                        help="let the trainer move the champion alias itself (demo; normally a person does)")
     parser.add_argument("--group-id", default=defaults.group_id,
                         help="consumer group of the ingest workers (one per index; default %(default)s)")
 
@@ -90,17 +95,31 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"broker: {address} (embedded, in memory)", flush=True)
     ensure_topics(address, PLATFORM_TOPICS)
 
+    mlflow, mlflow_uri = None, args.mlflow_uri
+    if mlflow_uri is None:
+        from registry.server import MlflowServer
+
+        mlflow = MlflowServer(Path(args.data_dir)).start()
+        mlflow_uri = mlflow.url
+        print(f"mlflow: {mlflow_uri}", flush=True)
+
     command = [sys.executable, "-m", "autoglm.cli", "worker", "--broker", address,
                "--data-dir", args.data_dir, "--api-port", str(args.api_port),
                "--cdc-topics", args.cdc_topics, "--group-id", args.group_id,
                "--window-size", str(args.window_size), "--window-minutes", str(args.window_minutes),
-               "--feedback-max-wait", str(args.feedback_max_wait)]
+               "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
+    command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []
+    command += ["--promote-champion"] if args.promote_champion else []
     command += ["--mapping", args.mapping] if args.mapping else []
     worker = subprocess.Popen(command, preexec_fn=die_with_parent)
     stopping = threading.Event()
 
     def stop() -> None:
+        """Worker and MLflow stop in parallel (each may take a few seconds), then the broker."""
         stopping.set()
+        stopping_mlflow = threading.Thread(target=mlflow.stop) if mlflow else None
+        if stopping_mlflow:
+            stopping_mlflow.start()
         if worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
             try:
@@ -108,6 +127,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+        if stopping_mlflow:
+            stopping_mlflow.join()
         if broker:
             broker.stop()
 
@@ -202,8 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_options(up)
     up.set_defaults(func=cmd_up)
 
+    up.add_argument("--mlflow-uri", help="MLflow tracking URI; default: start a local `mlflow server`")
+
     worker = sub.add_parser("worker", help="one worker process (what `up` runs)")
     worker.add_argument("--broker", required=True)
+    worker.add_argument("--mlflow-uri", help="MLflow tracking URI; without it the trainer is off")
     _add_worker_options(worker)
     worker.set_defaults(func=cmd_worker)
 

@@ -39,6 +39,12 @@ class Settings:
     session_share: float = 0.05  # at most this share of a window from one session
     impression_ttl_s: float = 3600.0  # feedback is joined to impressions younger than this
     feedback_max_wait_s: float = 60.0  # feedback waits this long for its impression
+    # Learning loop: the MLflow tracking URI enables the trainer; gate_dataset is a BEIR folder
+    # whose dev split scores every candidate; promote_champion lets the trainer move the
+    # champion alias itself (demo only: a person does it in the MLflow UI).
+    mlflow_uri: str | None = None
+    gate_dataset: Path | None = None
+    promote_champion: bool = False
     rrf_k: int = 60
     fusion_weights: FusionWeights = field(default_factory=FusionWeights)
     fusion_candidates: int = 100

@@ -60,6 +60,19 @@ class BrokerProbe:
         return self._error
 
 
+def start_trainer(settings: Settings, index, examples, registry, served):
+    """The trainer consumer, in a thread of this process: it reads the index's document vectors."""
+    from autoglm.datasets import document_id
+    from consumers.trainer import GateSet, Trainer, TrainerConfig, TrainingConsumer
+
+    gate = None
+    if settings.gate_dataset:
+        gate = GateSet.dev_split(settings.gate_dataset, lambda cid: document_id(settings.gate_dataset, cid))
+    trainer = Trainer(index, examples, registry, settings.data_dir / "feedback" / "replay.json", gate,
+                      TrainerConfig(promote_champion=settings.promote_champion), on_new_champion=served.swap)
+    return TrainingConsumer(settings.broker, trainer, group_id=f"{settings.group_id}-trainer").start()
+
+
 def run_worker(settings: Settings) -> None:
     import faust
     import uvicorn
@@ -68,9 +81,10 @@ def run_worker(settings: Settings) -> None:
     from autoglm.publisher import EventPublisher
     from search.api import create_app
     from search.embedded import EmbeddedIndex
-    from search.query import SearchService
+    from search.query import SearchService, ServedModel
     from streams.cdc import CdcProcessor
     from feedback.store import ExampleStore
+    from registry.models import CHAMPION, ModelRegistry
     from streams.faust_app import create_faust_app
     from streams.feedback import FeedbackProcessor
     from streams.ingest import IngestSink
@@ -81,12 +95,17 @@ def run_worker(settings: Settings) -> None:
     topics.ensure_topics(settings.broker, topics.PLATFORM_TOPICS, partitions=1)
     index = EmbeddedIndex(settings.index_dir)
     document_encoder = Encoder()
-    query_encoder = Encoder()  # its own copy: queries never wait behind a document batch
+    registry = ModelRegistry(settings.mlflow_uri) if settings.mlflow_uri else None
+    champion = registry.version_for(CHAMPION) if registry else None
+    # The query side has its own encoder: queries never wait behind a document batch, and
+    # fine-tuned versions (query side only) swap in without touching document vectors.
+    served = ServedModel(registry.load_encoder(champion) if champion else Encoder())
 
     app = create_faust_app(settings.group_id, settings)
     processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
     examples = ExampleStore(settings.data_dir / "feedback" / "examples.db")
     FeedbackProcessor(app, settings, examples)
+    training = start_trainer(settings, index, examples, registry, served) if registry else None
     assigned = threading.Event()
 
     @app.on_partitions_assigned.connect
@@ -101,6 +120,8 @@ def run_worker(settings: Settings) -> None:
             worker_down = "stream processor has not joined its consumer group yet"
         elif processor.last_error:
             worker_down = processor.last_error
+        elif training and training.last_error:
+            worker_down = training.last_error
         try:
             index.count()
             index_down = None
@@ -108,8 +129,7 @@ def run_worker(settings: Settings) -> None:
             index_down = f"index unavailable: {exc}"
         return {"broker": broker_probe(), "worker": worker_down, "index": index_down}
 
-    service = SearchService(index, query_encoder.embed_one, query_encoder.version,
-                            settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
+    service = SearchService(index, served, settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
     publisher = EventPublisher(settings.broker)
     server = uvicorn.Server(uvicorn.Config(create_app(service, health, publisher), host=settings.api_host,
                                            port=settings.api_port, log_level="warning",
@@ -123,6 +143,8 @@ def run_worker(settings: Settings) -> None:
     finally:
         server.should_exit = True
         api_thread.join(timeout=5)
+        if training:
+            training.stop()
         publisher.close()
         index.close()
         examples.close()

@@ -40,7 +40,7 @@ REJECTION_REASON_TAG = "autoglm.rejection_reason"
 
 
 class ModelNotFound(LookupError):
-    """No registered version answers to that alias."""
+    """The alias names no version, or the run logged no model."""
 
 
 class ModelRegistry:
@@ -166,7 +166,8 @@ class ModelRegistry:
                                                          order_by=["version_number DESC"]):
             listing.append({
                 "version": str(version.version),
-                "aliases": sorted(alias for alias, target in aliases.items() if str(target) == str(version.version)),
+                "aliases": sorted(alias for alias, target in aliases.items()
+                                  if str(target) == str(version.version)),
                 "tags": dict(version.tags),
                 "run_id": version.run_id,
                 "created_ms": version.creation_timestamp,

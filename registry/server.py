@@ -56,8 +56,8 @@ def webhook_secret_key(path: Path) -> str:
     """A Fernet key kept in the data dir: every worker and every restart must decrypt the webhook
     secrets with the same key, or deliveries fail silently."""
     if not path.exists():
-        path.write_bytes(Fernet.generate_key())
-        path.chmod(0o600)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as key_file:
+            key_file.write(Fernet.generate_key())
     return path.read_text().strip()
 
 

@@ -64,26 +64,54 @@ class SearchResult:
     hits: list[tuple[Hit, Document]]
 
 
+class ServedModel:
+    """The query encoder that serves, swappable while requests run.
+
+    A request takes the encoder once (``current``) and uses it to the end, so a swap lets
+    requests in flight finish on the old model and never mixes two in one answer.
+    """
+
+    def __init__(self, encoder: QueryEncoder):
+        self._encoder = encoder
+
+    @property
+    def current(self) -> QueryEncoder:
+        return self._encoder
+
+    def swap(self, encoder: QueryEncoder) -> None:
+        self._encoder = encoder  # one reference assignment: atomic for readers
+
+
+class QueryEncoder(Protocol):
+    version: str
+
+    def embed_one(self, text: str) -> np.ndarray:
+        ...
+
+
 class SearchService:
     """Runs a query in one mode and joins hits with their stored documents."""
 
-    def __init__(self, index: Index, embed_query: Callable[[str], np.ndarray], model_version: str,
-                 weights: FusionWeights = FusionWeights(), rrf_k: int = 60, candidates: int = 100):
-        self.index = index
-        self.model_version = model_version
-        bm25, dense = BM25Ranker(index), DenseRanker(index, embed_query)
-        self.rankers: dict[str, Ranker] = {
-            "bm25": bm25, "dense": dense,
-            "hybrid": FusedRanker([bm25, dense], [weights.bm25, weights.dense], rrf_k, candidates)}
+    def __init__(self, index: Index, model: ServedModel, weights: FusionWeights = FusionWeights(),
+                 rrf_k: int = 60, candidates: int = 100):
+        self.index, self.model = index, model
+        self.weights, self.rrf_k, self.candidates = weights, rrf_k, candidates
+
+    def rankers(self, encoder: QueryEncoder) -> dict[str, Ranker]:
+        bm25, dense = BM25Ranker(self.index), DenseRanker(self.index, encoder.embed_one)
+        return {"bm25": bm25, "dense": dense,
+                "hybrid": FusedRanker([bm25, dense], [self.weights.bm25, self.weights.dense], self.rrf_k,
+                                      self.candidates)}
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid") -> SearchResult:
-        if mode not in self.rankers:
+        if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         started = time.perf_counter()
-        hits = self.rankers[mode].rank(query, k)
+        encoder = self.model.current
+        hits = self.rankers(encoder)[mode].rank(query, k)
         documents = self.index.get_many([hit.id for hit in hits])
         metrics.SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - started)
-        return SearchResult(query_id=str(uuid.uuid4()), mode=mode, model_version=self.model_version,
+        return SearchResult(query_id=str(uuid.uuid4()), mode=mode, model_version=encoder.version,
                             hits=[(hit, documents[hit.id]) for hit in hits if hit.id in documents])
 
 

@@ -84,7 +84,9 @@ def test_up_runs_the_loop_refuses_a_second_up_and_stops_cleanly_on_sigterm(tmp_p
     output = LineReader(up)
     try:
         broker = output.wait_for(r"^broker: (127\.0\.0\.1:\d+)").group(1)
+        mlflow = output.wait_for(r"^mlflow: (http://127\.0\.0\.1:\d+)$").group(1)
         api = output.wait_for(rf"^api: (http://127\.0\.0\.1:{port})$").group(1)
+        assert httpx.get(f"{mlflow}/health").status_code == 200
         assert httpx.get(f"{api}/healthz").json()["status"] == "ok"
 
         second = subprocess.run([*AUTOGLM, "up", "--data-dir", str(data_dir), "--api-port", str(free_port())],

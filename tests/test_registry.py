@@ -50,7 +50,8 @@ def registry(tmp_path_factory) -> ModelRegistry:
 
 def log(registry: ModelRegistry, state: dict[str, torch.Tensor], extra: dict[str, Path] | None = None) -> str:
     return registry.log_training(params={"lr": 2e-5, "batch_size": 16}, loss_curve=[0.9, 0.6, 0.4],
-                                 metrics={"ndcg_at_10": 0.71}, lineage={"parent_version": "base", "feedback_offset": "42"},
+                                 metrics={"ndcg_at_10": 0.71},
+                                 lineage={"parent_version": "base", "feedback_offset": "42"},
                                  state_dict=state, extra_artifacts=extra)
 
 
@@ -70,7 +71,7 @@ def test_log_training_records_one_run(registry, tuned_state, tmp_path):
     assert run.data.tags["lineage.feedback_offset"] == "42"
     assert run.data.metrics["ndcg_at_10"] == 0.71
     curve = registry.client.get_metric_history(run_id, LOSS_METRIC)
-    assert [(point.step, point.value) for point in sorted(curve, key=lambda p: p.step)] == [(0, 0.9), (1, 0.6), (2, 0.4)]
+    assert sorted((point.step, point.value) for point in curve) == [(0, 0.9), (1, 0.6), (2, 0.4)]
     assert [item.path for item in registry.client.list_artifacts(run_id, "extras")] == ["extras/replay.jsonl"]
 
 
@@ -178,6 +179,7 @@ def test_schema_and_webhook_key_are_made_once(tmp_path):
     assert db.read_bytes() == b"stand-in for an upgraded db"
     key = webhook_secret_key(tmp_path / "webhook.key")
     assert webhook_secret_key(tmp_path / "webhook.key") == key and len(key) == 44
+    assert (tmp_path / "webhook.key").stat().st_mode & 0o777 == 0o600
 
 
 def live_processes_in_group(group: int) -> list[int]:

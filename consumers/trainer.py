@@ -1,0 +1,223 @@
+"""The trainer: a Kafka consumer of training requests that fine-tunes, gates and registers models.
+
+For each request (a window of examples; requests that arrive during a run are coalesced
+into the next one):
+
+1. load the current champion from MLflow, or the base encoder when there is none;
+2. hold out a slice of the window, fine-tune the query side on the rest plus a replay
+   sample of older examples (documents stay frozen, so promotion needs no re-indexing);
+3. score candidate and champion on the gate set, on the held-out slice and on gate
+   queries outside the window's topics (forgetting);
+4. log the run to MLflow; register the candidate and give it the ``challenger`` alias only
+   if it is nowhere worse than the champion by more than epsilon, else record the rejection;
+5. add the window to the replay reservoir (a file in the data dir, logged with every run);
+6. commit the request's offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from confluent_kafka import Consumer, KafkaError
+from prometheus_client import Counter, Histogram
+
+from autoglm import beir, topics
+from autoglm.encoder import Encoder
+from autoglm.interactions import TrainingRequest
+from consumers.finetune import TrainConfig, fine_tune
+from consumers.gate import GateConfig, decide, evaluate, forgetting_subset, holdout_mrr
+from consumers.replay import ReplayBuffer
+from feedback.examples import TrainingExample
+from feedback.store import ExampleStore
+from registry.models import CHALLENGER, CHAMPION, ModelRegistry
+from search.protocol import Index
+
+log = logging.getLogger(__name__)
+
+TRAININGS = Counter("autoglm_trainings", "Trainings by outcome (registered, rejected, failed)", ["outcome"])
+TRAINING_SECONDS = Histogram("autoglm_training_seconds", "From a training's start to its registered or "
+                             "rejected candidate", buckets=(10, 30, 60, 90, 120, 180, 300, 600, 1200))
+
+
+@dataclass(frozen=True)
+class GateSet:
+    """Fixed queries and qrels every candidate is scored on (BEIR format)."""
+
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    name: str
+
+    @classmethod
+    def dev_split(cls, root: Path, document_id: Callable[[str], str]) -> "GateSet":
+        """The dev split of a BEIR dataset's train queries, with corpus ids mapped to index ids."""
+        texts = beir.read_queries(root)
+        _, dev = beir.split_train(beir.read_qrels(root, "train"))
+        qrels = {qid: {document_id(doc): grade for doc, grade in docs.items()} for qid, docs in dev.items()}
+        return cls({qid: texts[qid] for qid in dev}, qrels, f"{Path(root).name}-dev")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    holdout_share: float = 0.1
+    promote_champion: bool = False  # demo only: a person normally moves the champion alias
+
+
+@dataclass
+class TrainingOutcome:
+    windows: list[int]
+    run_id: str
+    passed: bool
+    version: str | None
+    reasons: list[str]
+    metrics: dict[str, float]
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, index: Index, store: ExampleStore, registry: ModelRegistry, reservoir_path: Path,
+                 gate_set: GateSet | None = None, config: TrainerConfig = TrainerConfig(),
+                 on_new_champion: Callable[[Encoder], None] | None = None):
+        self.index, self.store, self.registry = index, store, registry
+        self.gate_set, self.config, self.on_new_champion = gate_set, config, on_new_champion
+        self.reservoir_path = reservoir_path
+        self.replay = ReplayBuffer.load(reservoir_path) if reservoir_path.exists() else ReplayBuffer()
+
+    def train(self, windows: list[int]) -> TrainingOutcome:
+        started = time.monotonic()
+        examples = [example for window in windows for example in self.store.examples_in(window)]
+        fit, held_out = split_holdout(examples, self.config.holdout_share)
+        champion_version = self.registry.version_for(CHAMPION)
+        champion = self.registry.load_encoder(champion_version) if champion_version else Encoder()
+
+        result = fine_tune(champion, fit, self.replay.items(), self.index.vectors, self.config.train)
+        candidate = Encoder(state_dict=result.state_dict, version="candidate")
+        candidate_metrics = self._score(candidate, held_out, examples)
+        champion_metrics = self._score(champion, held_out, examples)
+        decision = decide(candidate_metrics, champion_metrics, self.config.gate.epsilon)
+
+        self.replay.add(fit)
+        self.replay.save(self.reservoir_path)
+        metrics = {**{f"candidate.{k}": v for k, v in candidate_metrics.items()},
+                   **{f"champion.{k}": v for k, v in champion_metrics.items()}}
+        lineage = {"windows": ",".join(map(str, windows)), "parent_version": champion_version or "base",
+                   "examples": str(len(examples)), "examples_trained": str(result.examples_used),
+                   "examples_held_out": str(len(held_out)), "replay_seen": str(self.replay.seen),
+                   "gate_set": self.gate_set.name if self.gate_set else "none"}
+        params = {**asdict(self.config.train), "holdout_share": self.config.holdout_share,
+                  "epsilon": self.config.gate.epsilon}
+        run_id = self.registry.log_training(params, result.loss_curve, metrics, lineage, result.state_dict,
+                                            {"replay.json": self.reservoir_path})
+        version = None
+        if decision.passed:
+            version = self.registry.register(run_id, {"gate": "passed", "windows": lineage["windows"],
+                                                      "parent_version": lineage["parent_version"]})
+            self.registry.set_alias(CHALLENGER, version)
+            if self.config.promote_champion:
+                self.registry.set_alias(CHAMPION, version)
+                if self.on_new_champion:
+                    self.on_new_champion(Encoder(state_dict=result.state_dict, version=f"v{version}"))
+        else:
+            self.registry.record_rejection(run_id, "; ".join(decision.reasons), metrics)
+        outcome = TrainingOutcome(windows, run_id, decision.passed, version, decision.reasons, metrics,
+                                  time.monotonic() - started)
+        log.info("training on windows %s: %s", windows,
+                 f"registered version {version}" if version else f"rejected ({'; '.join(decision.reasons)})")
+        return outcome
+
+    def _score(self, encoder: Encoder, held_out: list[TrainingExample],
+               window: list[TrainingExample]) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        if held_out:
+            scores["holdout.mrr@10"] = holdout_mrr(encoder.embed, self.index, held_out)
+        if self.gate_set:
+            gate = evaluate(encoder.embed, self.index, self.gate_set.queries, self.gate_set.qrels)
+            scores["gate.ndcg@10"], scores["gate.mrr@10"] = gate["ndcg@10"], gate["mrr@10"]
+            outside = forgetting_subset(self.gate_set.qrels, window)
+            if outside:
+                scores["forgetting.ndcg@10"] = evaluate(encoder.embed, self.index, self.gate_set.queries,
+                                                        outside)["ndcg@10"]
+        return scores
+
+
+def split_holdout(examples: list[TrainingExample], share: float) -> tuple[list, list]:
+    """A stable split by example id, so a replayed window holds out the same examples."""
+    def held(example: TrainingExample) -> bool:
+        digest = hashlib.sha256(example.example_id.encode()).digest()
+        return int.from_bytes(digest[:4], "big") / 2 ** 32 < share
+    return [e for e in examples if not held(e)], [e for e in examples if held(e)]
+
+
+class TrainingConsumer:
+    """Consumes ``autoglm.training`` in a thread; one training at a time, pending requests coalesced."""
+
+    def __init__(self, broker: str, trainer: Trainer, group_id: str = "autoglm-trainer"):
+        self.trainer = trainer
+        self.outcomes: list[TrainingOutcome] = []
+        self.last_error: str | None = None
+        self._consumer = Consumer({"bootstrap.servers": broker, "group.id": group_id,
+                                   "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                                   "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+                                   "max.poll.interval.ms": 3_600_000})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+
+    def start(self) -> "TrainingConsumer":
+        self._consumer.subscribe([topics.TRAINING])
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                requests = self._next_requests()
+                if requests:
+                    self._train(sorted({request.window_id for request in requests}))
+                    self._consumer.commit(asynchronous=False)
+        finally:
+            self._consumer.close()
+
+    def _train(self, windows: list[int], attempts: int = 2) -> None:
+        """Train once on the windows, retrying a failure once; a window that fails twice is
+        logged, counted and skipped, so one poisonous window cannot stall the loop."""
+        for attempt in range(1, attempts + 1):
+            try:
+                outcome = self.trainer.train(windows)
+            except Exception as exc:
+                TRAININGS.labels("failed").inc()
+                self.last_error = f"training on windows {windows} failed (attempt {attempt}): {exc!r}"
+                log.exception("training on windows %s failed (attempt %d of %d)", windows, attempt, attempts)
+                self._stop.wait(5.0)
+                continue
+            TRAININGS.labels("registered" if outcome.passed else "rejected").inc()
+            TRAINING_SECONDS.observe(outcome.seconds)
+            self.outcomes.append(outcome)
+            self.last_error = None
+            return
+
+    def _next_requests(self) -> list[TrainingRequest]:
+        """Block briefly for one request, then take every other one already waiting."""
+        requests = []
+        message = self._consumer.poll(0.5)
+        while message is not None:
+            if message.error():
+                if message.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("training topic: %s", message.error())
+            else:
+                try:
+                    requests.append(TrainingRequest.model_validate_json(message.value()))
+                except ValueError as exc:
+                    log.error("ignoring an invalid training request: %s", exc)
+            message = self._consumer.poll(0)
+        return requests
