@@ -74,6 +74,7 @@ def start_trainer(settings: Settings, index, examples, registry, served):
 
 
 def run_worker(settings: Settings) -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import faust
     import uvicorn
 

@@ -123,7 +123,7 @@ class Trainer:
             if self.config.promote_champion:
                 self.registry.set_alias(CHAMPION, version)
                 if self.on_new_champion:
-                    self.on_new_champion(Encoder(state_dict=result.state_dict, version=f"v{version}"))
+                    self.on_new_champion(self.registry.load_encoder(version))
         else:
             self.registry.record_rejection(run_id, "; ".join(decision.reasons), metrics)
         outcome = TrainingOutcome(windows, run_id, decision.passed, version, decision.reasons, metrics,

@@ -9,10 +9,12 @@ Vocabulary:
 - a *rejected* candidate keeps its run, tagged with the reason, and gets no version.
 
 Versions are str everywhere: MLflow returns ints from a direct sqlite store, strings over HTTP.
+Metric, param and lineage names pass through ``mlflow_key`` ("ndcg@10" is stored as "ndcg_at_10").
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -60,15 +62,15 @@ class ModelRegistry:
                      extra_artifacts: dict[str, Path] | None = None) -> str:
         """Record one training as one run and return its id; the run is FAILED if logging fails."""
         experiment_id = self._experiment_id()
-        lineage = {f"{LINEAGE_PREFIX}{key}": str(value) for key, value in lineage.items()}
+        lineage = {mlflow_key(f"{LINEAGE_PREFIX}{key}"): str(value) for key, value in lineage.items()}
         run_id = self.client.create_run(experiment_id, tags=lineage).info.run_id
         try:
             now = _now_ms()
             self.client.log_batch(
                 run_id,
                 metrics=[Metric(LOSS_METRIC, value, now, step) for step, value in enumerate(loss_curve)]
-                + [Metric(key, value, now, 0) for key, value in metrics.items()],
-                params=[Param(key, str(value)) for key, value in {**params, **lineage}.items()],
+                + _metrics(metrics, now),
+                params=[Param(mlflow_key(key), str(value)) for key, value in {**params, **lineage}.items()],
             )
             self._log_model(experiment_id, run_id, state_dict)
             self._log_extras(run_id, extra_artifacts or {})
@@ -81,7 +83,7 @@ class ModelRegistry:
     def record_rejection(self, run_id: str, reason: str, metrics: dict[str, float]) -> None:
         """A candidate that failed its gate: the run keeps the evidence, no version is made."""
         now = _now_ms()
-        self.client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()],
+        self.client.log_batch(run_id, metrics=_metrics(metrics, now),
                               tags=[RunTag(DECISION_TAG, "rejected"), RunTag(REJECTION_REASON_TAG, reason)])
 
     def _experiment_id(self) -> str:
@@ -125,8 +127,9 @@ class ModelRegistry:
                 raise
         # Source is the artifact location, not models:/<model_id>: a sqlite registry resolves
         # that URI through the process-global tracking URI, which this client does not set.
-        version = self.client.create_model_version(MODEL_NAME, source=model.artifact_location, run_id=run_id,
-                                                   tags=tags, model_id=model.model_id)
+        version = self.client.create_model_version(
+            MODEL_NAME, source=model.artifact_location, run_id=run_id, model_id=model.model_id,
+            tags={mlflow_key(key): str(value) for key, value in tags.items()})
         self.client.set_tag(run_id, DECISION_TAG, "registered")
         return str(version.version)
 
@@ -206,6 +209,16 @@ class ModelRegistry:
         if version is None:
             raise ModelNotFound(f"no version of {MODEL_NAME} has the alias {alias_or_version!r}")
         return version
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow names allow only alphanumerics and ``_ - . : /`` and spaces; "@" becomes "_at_" and
+    any other character "_", so callers keep their usual metric names."""
+    return re.sub(r"[^\w\-. :/]", "_", name.replace("@", "_at_"))
+
+
+def _metrics(metrics: dict[str, float], timestamp_ms: int) -> list[Metric]:
+    return [Metric(mlflow_key(key), value, timestamp_ms, 0) for key, value in metrics.items()]
 
 
 def _now_ms() -> int:

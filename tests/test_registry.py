@@ -50,7 +50,7 @@ def registry(tmp_path_factory) -> ModelRegistry:
 
 def log(registry: ModelRegistry, state: dict[str, torch.Tensor], extra: dict[str, Path] | None = None) -> str:
     return registry.log_training(params={"lr": 2e-5, "batch_size": 16}, loss_curve=[0.9, 0.6, 0.4],
-                                 metrics={"ndcg_at_10": 0.71},
+                                 metrics={"ndcg@10": 0.71},
                                  lineage={"parent_version": "base", "feedback_offset": "42"},
                                  state_dict=state, extra_artifacts=extra)
 
@@ -69,7 +69,7 @@ def test_log_training_records_one_run(registry, tuned_state, tmp_path):
     assert run.data.params["lr"] == "2e-05"
     assert run.data.params["lineage.parent_version"] == run.data.tags["lineage.parent_version"] == "base"
     assert run.data.tags["lineage.feedback_offset"] == "42"
-    assert run.data.metrics["ndcg_at_10"] == 0.71
+    assert run.data.metrics["ndcg_at_10"] == 0.71  # "@" is not allowed in MLflow names
     curve = registry.client.get_metric_history(run_id, LOSS_METRIC)
     assert sorted((point.step, point.value) for point in curve) == [(0, 0.9), (1, 0.6), (2, 0.4)]
     assert [item.path for item in registry.client.list_artifacts(run_id, "extras")] == ["extras/replay.jsonl"]
@@ -118,11 +118,11 @@ def test_missing_alias_is_none_and_load_says_which(registry):
 def test_rejection_tags_the_run_and_creates_no_version(registry, tuned_state):
     before = len(registry.versions())
     run_id = log(registry, tuned_state)
-    registry.record_rejection(run_id, "ndcg_at_10 fell by 0.04 on the holdout", {"holdout_ndcg_at_10": 0.67})
+    registry.record_rejection(run_id, "ndcg@10 fell by 0.04 on the holdout", {"holdout_ndcg@10": 0.67})
 
     run = registry.client.get_run(run_id)
     assert run.data.tags[DECISION_TAG] == "rejected"
-    assert run.data.tags[REJECTION_REASON_TAG] == "ndcg_at_10 fell by 0.04 on the holdout"
+    assert run.data.tags[REJECTION_REASON_TAG] == "ndcg@10 fell by 0.04 on the holdout"
     assert run.data.metrics["holdout_ndcg_at_10"] == 0.67
     assert len(registry.versions()) == before
     assert run_id not in {entry["run_id"] for entry in registry.versions()}
