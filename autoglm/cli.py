@@ -193,6 +193,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from autoglm.demo import run_demo
+
+    run_demo(Path(args.dataset), Path(args.data_dir), rounds=args.rounds, window=args.window_size,
+             docs=args.docs, out=Path(args.out))
+    return 0
+
+
 def _healthy(api: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api}/healthz", timeout=2) as response:
@@ -255,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--api", default=os.environ.get("AUTOGLM_API", DEFAULT_API))
     sim.set_defaults(func=cmd_simulate)
+    demo = sub.add_parser("demo", help="the whole loop end to end on the embedded default")
+    demo.add_argument("--dataset", default="../shared/data/scifact")
+    demo.add_argument("--data-dir", default="./autoglm-demo", help="a fresh directory for this run")
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--window-size", type=int, default=1000)
+    demo.add_argument("--docs", type=int, help="only the first N documents (a faster, smaller demo)")
+    demo.add_argument("--out", default="./autoglm-demo/results")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

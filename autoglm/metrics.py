@@ -21,3 +21,15 @@ FRESHNESS_SECONDS = Histogram("autoglm_freshness_seconds",
 DOCUMENTS = Gauge("autoglm_documents", "Live documents in the index")
 SEARCH_SECONDS = Histogram("autoglm_search_seconds", "Search latency, query encoding included",
                            ["mode"], buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))
+
+
+def sample_value(exposition: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples in Prometheus text whose labels include the given ones (0 when absent)."""
+    total = 0.0
+    for line in exposition.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if series.split("{")[0] == name and all(f'{key}="{val}"' in series for key, val in labels.items()):
+            total += float(value)
+    return total

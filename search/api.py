@@ -36,16 +36,18 @@ def create_app(service: SearchService, health: HealthProbe, publisher: EventPubl
                k: int = Query(10, ge=1, le=100),
                mode: Literal["bm25", "dense", "hybrid"] = "hybrid",
                session: str | None = Query(None, description="session id (or header X-Session-Id)"),
+               log: bool = Query(True, description="false for offline evaluation: no impression is logged"),
                x_session_id: str | None = Header(None)) -> dict:
         if not q.strip():
             raise RequestValidationError([{"loc": ("query", "q"), "msg": "must not be blank",
                                            "type": "value_error"}])
         result = service.search(q, k=k, mode=mode)
-        publisher.publish(topics.IMPRESSIONS, result.query_id, Impression(
-            query_id=result.query_id, query=q, mode=mode, model_version=result.model_version,
-            session_id=x_session_id or session,
-            hits=[ShownHit(doc_id=hit.id, position=rank, score=hit.score)
-                  for rank, (hit, _) in enumerate(result.hits, start=1)]))
+        if log:
+            publisher.publish(topics.IMPRESSIONS, result.query_id, Impression(
+                query_id=result.query_id, query=q, mode=mode, model_version=result.model_version,
+                session_id=x_session_id or session,
+                hits=[ShownHit(doc_id=hit.id, position=rank, score=hit.score)
+                      for rank, (hit, _) in enumerate(result.hits, start=1)]))
         return {
             "query_id": result.query_id,
             "model_version": result.model_version,

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from autoglm.broker import EmbeddedBroker, free_port
+from autoglm.metrics import sample_value
 from autoglm.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,18 +84,7 @@ class WorkerProcess:
         return [hit["id"] for hit in response.json()["hits"]]
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of one metric whose labels include the given ones."""
-        total = 0.0
-        for line in self.client.get("/metrics").text.splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            series, value = line.rsplit(" ", 1)
-            metric_name = series.split("{")[0]
-            if metric_name != name:
-                continue
-            if all(f'{key}="{val}"' in series for key, val in labels.items()):
-                total += float(value)
-        return total
+        return sample_value(self.client.get("/metrics").text, name, **labels)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.process.poll() is None:

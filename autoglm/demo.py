@@ -1,0 +1,166 @@
+"""`autoglm demo`: the whole loop on the embedded default, end to end, with a table and a plot.
+
+It runs ``autoglm up`` (embedded broker, MLflow server, worker with the trainer allowed to
+promote), publishes a BEIR corpus through the broker as Debezium snapshot events, then for
+each round lets simulated users search and click until a window trains, gates and
+registers a model, and measures nDCG@10 on the dev split (never on test) once search
+serves the new champion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from autoglm import beir
+from autoglm.broker import free_port
+from autoglm.datasets import corpus_id, publish_corpus
+from autoglm.metrics import sample_value
+from autoglm.simulate import simulate
+
+
+@dataclass
+class Round:
+    round: int
+    model_version: str
+    dense_ndcg: float
+    hybrid_ndcg: float
+    searches: int
+    training_seconds: float | None
+
+
+def dev_set(root: Path, published: set[str]) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """Dev queries and qrels, restricted to documents that were published (for --docs subsets)."""
+    texts = beir.read_queries(root)
+    _, dev = beir.split_train(beir.read_qrels(root, "train"))
+    qrels = {q: {d: g for d, g in docs.items() if d in published} for q, docs in dev.items()}
+    qrels = {q: docs for q, docs in qrels.items() if docs}
+    return {q: texts[q] for q in qrels}, qrels
+
+
+def evaluate(client: httpx.Client, queries: dict[str, str], qrels: dict, mode: str) -> tuple[float, str]:
+    """Mean nDCG@10 of one mode through the API (impressions not logged), and the serving version."""
+    run, version = {}, ""
+    for query_id, text in queries.items():
+        body = client.get("/search", params={"q": text, "k": 10, "mode": mode, "log": "false"}).json()
+        run[query_id] = [corpus_id(hit["id"]) for hit in body["hits"]]
+        version = body["model_version"]
+    return beir.mean_ndcg(run, qrels), version
+
+
+class UpProcess:
+    """`autoglm up` as a child process, with the addresses it prints."""
+
+    def __init__(self, args: list[str]):
+        self.process = subprocess.Popen([sys.executable, "-m", "autoglm.cli", "up", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+
+    def address(self, prefix: str, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if match := re.match(rf"^{prefix}: (\S+)", line):
+                    return match.group(1)
+            if self.process.poll() is not None:
+                raise RuntimeError("autoglm up exited:\n" + "\n".join(self.lines[-30:]))
+            time.sleep(0.2)
+        raise TimeoutError(f"autoglm up printed no {prefix!r} line in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+def run_demo(dataset: Path, data_dir: Path, rounds: int, window: int, docs: int | None,
+             out: Path, max_searches_per_round: int = 20_000) -> list[Round]:
+    port = free_port()
+    up = UpProcess(["--data-dir", str(data_dir), "--api-port", str(port), "--cdc-topics", r"^cdc\.beir\.",
+                    "--window-size", str(window), "--gate-dataset", str(dataset), "--promote-champion"])
+    try:
+        broker, mlflow, api = up.address("broker"), up.address("mlflow"), up.address("api")
+        print(f"broker {broker} · MLflow UI {mlflow} · API {api}")
+        _, count = publish_corpus(broker, dataset, limit=docs)
+        published = {doc.id for doc, _ in zip(beir.read_corpus(dataset), range(count))}
+        client = httpx.Client(base_url=api, timeout=120)
+        with tqdm(total=count, desc="indexing (embedding documents)", unit="doc") as bar:
+            while (indexed := sample_value(client.get("/metrics").text, "autoglm_documents")) < count:
+                bar.update(int(indexed) - bar.n)
+                time.sleep(1)
+            bar.update(count - bar.n)
+        queries, qrels = dev_set(dataset, published)
+        results = [_measure(client, queries, qrels, 0, 0, None)]
+        print(_table(results))
+        for number in range(1, rounds + 1):
+            results.append(_round(client, api, dataset, queries, qrels, number, max_searches_per_round))
+            print(_table(results))
+        _save(results, out)
+        return results
+    finally:
+        up.stop()
+
+
+def _round(client, api, dataset, queries, qrels, number, max_searches) -> Round:
+    """Simulate users until one training finishes, then measure what serves."""
+    trainings = lambda: sample_value(client.get("/metrics").text, "autoglm_trainings_total")  # noqa: E731
+    before, searches = trainings(), 0
+    while trainings() == before and searches < max_searches:
+        simulate(api, dataset, searches=100, seed=number * 100_000 + searches, progress=False)
+        searches += 100
+    while trainings() == before:
+        time.sleep(2)
+    metrics = client.get("/metrics").text
+    seconds = sample_value(metrics, "autoglm_training_seconds_sum") / max(1.0, sample_value(
+        metrics, "autoglm_training_seconds_count"))
+    return _measure(client, queries, qrels, number, searches, seconds)
+
+
+def _measure(client, queries, qrels, number, searches, seconds) -> Round:
+    dense, version = evaluate(client, queries, qrels, "dense")
+    hybrid, _ = evaluate(client, queries, qrels, "hybrid")
+    return Round(number, version, dense, hybrid, searches, seconds)
+
+
+def _table(results: list[Round]) -> str:
+    lines = ["round  model                                   dense nDCG@10  hybrid nDCG@10  searches",
+             *(f"{r.round:>5}  {r.model_version:<38}  {r.dense_ndcg:>13.4f}  {r.hybrid_ndcg:>14.4f}  {r.searches:>8}"
+               for r in results)]
+    return "\n".join(lines)
+
+
+def _save(results: list[Round], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    rounds = [r.round for r in results]
+    axis.plot(rounds, [r.dense_ndcg for r in results], marker="o", label="dense")
+    axis.plot(rounds, [r.hybrid_ndcg for r in results], marker="o", label="hybrid")
+    axis.set_xlabel("round (0 = base model)")
+    axis.set_ylabel("nDCG@10, dev split")
+    axis.set_title("Online query-side fine-tuning from simulated clicks")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "demo.png", dpi=120)
+    print(f"saved {out / 'demo.png'} and {out / 'demo.json'}")
