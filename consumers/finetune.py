@@ -15,6 +15,7 @@ examples, so earlier lessons are rehearsed instead of overwritten by the latest 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,7 @@ from autoglm.encoder import Encoder, mean_pool_normalised
 from feedback.examples import TrainingExample
 
 DocVectors = Callable[[list[str]], dict[str, np.ndarray]]  # e.g. Index.vectors
+Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ def fine_tune(encoder: Encoder, examples: list[TrainingExample], replay: list[Tr
               doc_vectors: DocVectors, config: TrainConfig = TrainConfig(), progress: bool = True) -> TrainResult:
     """Train a deep copy of ``encoder.model`` on a window of ``examples``; ``encoder`` is not touched.
 
+    The tokenizer is copied too: a fast tokenizer shared with a thread that serves queries can
+    fail with "Already borrowed".
+
     Examples whose positive has no stored vector (deleted or not yet indexed) are skipped, and
     so are such hard negatives. The same seed and inputs give the same batches and weights.
     """
@@ -84,6 +89,8 @@ def fine_tune(encoder: Encoder, examples: list[TrainingExample], replay: list[Tr
     batches = _plan_batches(window, older, config, np.random.default_rng(config.seed))
 
     model = copy.deepcopy(encoder.model).train()
+    tokenize = functools.partial(copy.deepcopy(encoder.tokenizer), padding=True, truncation=True,
+                                 max_length=encoder.max_seq_length, return_tensors="pt")  # dynamic padding
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_constant_schedule_with_warmup(optimizer, round(config.warmup_share * len(batches)))
     losses: list[float] = []
@@ -97,7 +104,7 @@ def fine_tune(encoder: Encoder, examples: list[TrainingExample], replay: list[Tr
                 stopped_early = True
                 break
             step_started = time.monotonic()
-            loss = _batch_loss(model, encoder, batch.items, vectors, config.temperature)
+            loss = _batch_loss(model, tokenize, batch.items, vectors, config.temperature)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -132,24 +139,24 @@ def _plan_batches(window: list[TrainingExample], replay: list[TrainingExample], 
     for _ in range(config.epochs):
         order = [window[i] for i in rng.permutation(len(window))]
         while order:
-            owed += config.batch_size * config.replay_ratio if replay else 0.0
+            owed += config.batch_size * config.replay_ratio
             replay_slots = min(int(owed), len(replay))
             owed -= int(owed)
-            picked = [replay[i] for i in rng.choice(len(replay), replay_slots, replace=False)] if replay else []
+            picked = rng.choice(len(replay), replay_slots, replace=False)
             take = config.batch_size - replay_slots
-            batches.append(_Batch(order[:take], picked))
+            batches.append(_Batch(order[:take], [replay[i] for i in picked]))
             order = order[take:]
     return batches
 
 
-def _batch_loss(model: torch.nn.Module, encoder: Encoder, items: list[TrainingExample],
+def _batch_loss(model: torch.nn.Module, tokenize: Tokenize, items: list[TrainingExample],
                 vectors: dict[str, np.ndarray], temperature: float) -> torch.Tensor:
     """Weighted cross-entropy of each query against the batch's frozen candidate documents."""
     candidates = list(dict.fromkeys([e.positive_id for e in items]
                                     + [n for e in items for n in e.negative_ids if n in vectors]))
     column = {doc_id: j for j, doc_id in enumerate(candidates)}
     documents = torch.from_numpy(np.stack([vectors[doc_id] for doc_id in candidates]))
-    logits = _embed(model, encoder, [e.query for e in items]) @ documents.T / temperature
+    logits = _embed(model, tokenize, [e.query for e in items]) @ documents.T / temperature
     logits = logits.masked_fill(_other_positives(items, column), float("-inf"))
     targets = torch.tensor([column[e.positive_id] for e in items])
     weights = torch.tensor([e.weight for e in items], dtype=torch.float32)
@@ -157,10 +164,9 @@ def _batch_loss(model: torch.nn.Module, encoder: Encoder, items: list[TrainingEx
     return (weights * F.cross_entropy(logits, targets, reduction="none")).mean()
 
 
-def _embed(model: torch.nn.Module, encoder: Encoder, queries: list[str]) -> torch.Tensor:
-    """Query vectors with gradients; padded to the batch's longest query only."""
-    batch = encoder.tokenizer(queries, padding=True, truncation=True, max_length=encoder.max_seq_length,
-                              return_tensors="pt")
+def _embed(model: torch.nn.Module, tokenize: Tokenize, queries: list[str]) -> torch.Tensor:
+    """Query vectors with gradients."""
+    batch = tokenize(queries)
     return mean_pool_normalised(model(**batch).last_hidden_state, batch["attention_mask"])
 
 

@@ -55,7 +55,8 @@ def forgetting_subset(qrels: Mapping[str, Mapping[str, int]],
     """The gate queries none of whose relevant documents the window mentions (as positive or
     negative): topics the window did not train, where any loss is forgetting."""
     mentioned = {doc_id for e in examples for doc_id in (e.positive_id, *e.negative_ids)}
-    return {qid: dict(relevant) for qid, relevant in qrels.items() if not mentioned & set(relevant)}
+    return {qid: dict(judged) for qid, judged in qrels.items()
+            if not mentioned & {doc_id for doc_id, relevance in judged.items() if relevance > 0}}
 
 
 def decide(candidate: Mapping[str, float], champion: Mapping[str, float],

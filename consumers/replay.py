@@ -22,33 +22,37 @@ class ReplayBuffer:
     def __init__(self, capacity: int = 5000, seed: int = 0):
         self.capacity = capacity
         self.seen = 0  # examples offered to the buffer, kept or not
-        self.items: list[TrainingExample] = []
+        self._items: list[TrainingExample] = []
         self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self._items)
+
+    def items(self) -> list[TrainingExample]:
+        """The buffered examples, as a copy: only ``add`` may change the reservoir."""
+        return list(self._items)
 
     def add(self, examples: list[TrainingExample]) -> None:
         """Offer examples in stream order; after this each seen example is kept w.p. capacity / seen."""
         for example in examples:
             self.seen += 1
-            if len(self.items) < self.capacity:
-                self.items.append(example)
+            if len(self._items) < self.capacity:
+                self._items.append(example)
             else:
                 slot = int(self._rng.integers(self.seen))
                 if slot < self.capacity:
-                    self.items[slot] = example
+                    self._items[slot] = example
 
     def sample(self, n: int, rng: np.random.Generator) -> list[TrainingExample]:
         """Up to n distinct buffered examples, chosen uniformly."""
-        picked = rng.choice(len(self.items), min(n, len(self.items)), replace=False)
-        return [self.items[i] for i in picked]
+        picked = rng.choice(len(self._items), min(n, len(self._items)), replace=False)
+        return [self._items[i] for i in picked]
 
     def save(self, path: Path) -> None:
         """Write JSON atomically (temporary file, then rename), random state included, so a
         loaded buffer continues exactly as this one would have."""
         body = {"capacity": self.capacity, "seen": self.seen, "rng": self._rng.bit_generator.state,
-                "items": [asdict(e) for e in self.items]}
+                "items": [asdict(e) for e in self._items]}
         tmp = Path(path).with_suffix(".tmp")
         tmp.write_text(json.dumps(body))
         os.replace(tmp, path)
@@ -59,6 +63,6 @@ class ReplayBuffer:
         buffer = cls(capacity=body["capacity"])
         buffer.seen = body["seen"]
         buffer._rng.bit_generator.state = body["rng"]
-        buffer.items = [TrainingExample(**{**item, "negative_ids": tuple(item["negative_ids"])})
+        buffer._items = [TrainingExample(**{**item, "negative_ids": tuple(item["negative_ids"])})
                         for item in body["items"]]
         return buffer

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from confluent_kafka import Consumer, KafkaError
 from prometheus_client import Counter, Histogram
 
@@ -97,7 +98,10 @@ class Trainer:
         champion_version = self.registry.version_for(CHAMPION)
         champion = self.registry.load_encoder(champion_version) if champion_version else Encoder()
 
-        result = fine_tune(champion, fit, self.replay.items(), self.index.vectors, self.config.train)
+        # Enough replayed items for replay_ratio of every batch, drawn from the reservoir.
+        replay_size = int(len(fit) * self.config.train.epochs * self.config.train.replay_ratio) + 1
+        replay = self.replay.sample(replay_size, np.random.default_rng(self.config.train.seed + len(windows)))
+        result = fine_tune(champion, fit, replay, self.index.vectors, self.config.train)
         candidate = Encoder(state_dict=result.state_dict, version="candidate")
         candidate_metrics = self._score(candidate, held_out, examples)
         champion_metrics = self._score(champion, held_out, examples)

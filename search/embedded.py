@@ -206,9 +206,7 @@ class EmbeddedIndex:
 
     def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         with self._lock:
-            keys = dict(self._db.execute(
-                f"SELECT id, vector_key FROM documents WHERE deleted = 0 AND id IN ({','.join('?' * len(ids))})",
-                list(ids)).fetchall()) if ids else {}
+            keys = self._vector_keys(ids, live_only=True)
             return {doc_id: np.asarray(self._vectors.get(key), dtype=np.float32) for doc_id, key in keys.items()}
 
     def search_text(self, query: str, k: int) -> list[Hit]:
@@ -246,11 +244,12 @@ class EmbeddedIndex:
             self._text_writer.rollback()
             del self._text_writer
 
-    def _vector_keys(self, ids: Sequence[str]) -> dict[str, int]:
+    def _vector_keys(self, ids: Sequence[str], live_only: bool = False) -> dict[str, int]:
         keys: dict[str, int] = {}
+        live = " AND deleted = 0" if live_only else ""
         for start in range(0, len(ids), 500):
             chunk = list(ids[start:start + 500])
             keys.update(self._db.execute(
-                f"SELECT id, vector_key FROM documents WHERE id IN ({','.join('?' * len(chunk))})",
+                f"SELECT id, vector_key FROM documents WHERE id IN ({','.join('?' * len(chunk))}){live}",
                 chunk).fetchall())
         return keys

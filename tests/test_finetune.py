@@ -1,6 +1,6 @@
 """Query-side fine-tuning, the promotion gate and the replay buffer, on a small real SciFact problem.
 
-The problem: about 400 SciFact abstracts (the relevant documents of the chosen queries plus
+The problem: 320 SciFact abstracts (the relevant documents of the chosen queries plus
 random distractors) embedded by the base model into a real EmbeddedIndex. Training examples
 come from train queries of the fit split, one per (query, relevant document), with the base
 model's non-relevant top results as hard negatives; the gate queries come from the dev split.
@@ -27,8 +27,8 @@ from search.embedded import EmbeddedIndex
 from search.protocol import Document, Upsert
 
 SCIFACT = Path("/work/shared/data/scifact")
-TRAINED_QUERIES, REPLAY_QUERIES, GATE_QUERIES, CORPUS_SIZE = 130, 40, 60, 400
-RUN = TrainConfig(lr=8e-5, epochs=3, seed=7)
+TRAINED_QUERIES, REPLAY_QUERIES, GATE_QUERIES, CORPUS_SIZE = 130, 40, 60, 320
+RUN = TrainConfig(lr=1e-4, epochs=2, seed=7)
 
 pytestmark = pytest.mark.skipif(not SCIFACT.exists(), reason="SciFact is not at /work/shared/data/scifact")
 
@@ -92,7 +92,7 @@ def problem(tmp_path_factory) -> Problem:
 
 @pytest.fixture(scope="module")
 def run(problem):
-    """One fine-tuning run of 3 epochs over the window, the input encoder's weights kept to compare."""
+    """One fine-tuning run of 2 epochs over the window, the input encoder's weights kept to compare."""
     before = {name: tensor.clone() for name, tensor in problem.encoder.model.state_dict().items()}
     result = fine_tune(problem.encoder, problem.window, problem.replay, problem.index.vectors, RUN)
     return result, before, Encoder(state_dict=result.state_dict, version="candidate")
@@ -104,8 +104,12 @@ def test_fine_tuning_improves_the_trained_queries(problem, run):
     tuned = evaluate(candidate.embed, problem.index, problem.queries, problem.trained)
     gate_base = evaluate(problem.encoder.embed, problem.index, problem.queries, problem.gate)
     gate_tuned = evaluate(candidate.embed, problem.index, problem.queries, problem.gate)
-    print(f"\ntrained nDCG@10 {base['ndcg@10']:.3f} -> {tuned['ndcg@10']:.3f}, gate (dev) nDCG@10 "
-          f"{gate_base['ndcg@10']:.3f} -> {gate_tuned['ndcg@10']:.3f}; {result.steps} steps in "
+    untouched = forgetting_subset(problem.gate, problem.window)
+    forgot_base = evaluate(problem.encoder.embed, problem.index, problem.queries, untouched)
+    forgot_tuned = evaluate(candidate.embed, problem.index, problem.queries, untouched)
+    print(f"\ntrained nDCG@10 {base['ndcg@10']:.3f} -> {tuned['ndcg@10']:.3f}; gate (dev) "
+          f"{gate_base['ndcg@10']:.3f} -> {gate_tuned['ndcg@10']:.3f}; forgetting subset ({len(untouched)}) "
+          f"{forgot_base['ndcg@10']:.3f} -> {forgot_tuned['ndcg@10']:.3f}; {result.steps} steps in "
           f"{result.seconds:.1f} s ({result.seconds / result.steps:.2f} s/step)")
     assert base["queries"] == TRAINED_QUERIES and result.examples_used == len(problem.window)
     assert tuned["ndcg@10"] > base["ndcg@10"] + 0.05
@@ -117,7 +121,7 @@ def test_fine_tuning_improves_the_trained_queries(problem, run):
 
 def test_loss_decreases_and_the_input_encoder_is_unchanged(problem, run):
     result, before, _ = run
-    assert not result.stopped_early and result.steps == len(result.loss_curve) > 10
+    assert not result.stopped_early and result.steps == len(result.loss_curve) >= 8
     assert np.mean(result.loss_curve[-3:]) < 0.8 * np.mean(result.loss_curve[:3])
     after = problem.encoder.model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
@@ -131,20 +135,22 @@ def test_batches_draw_the_replay_share_from_older_examples(run):
 
 
 def test_the_same_seed_gives_the_same_run_and_missing_positives_are_skipped(problem):
-    window = problem.window[:15] + [make_example("gone", "a deleted document", "no-such-doc")]
-    config = TrainConfig(lr=5e-5, batch_size=8, seed=3)
+    window = problem.window[:7] + [make_example("gone", "a deleted document", "no-such-doc")]
+    config = TrainConfig(lr=5e-5, batch_size=4, replay_ratio=0.25, seed=3)
     first, second = (fine_tune(problem.encoder, window, problem.replay, problem.index.vectors, config,
                                progress=False) for _ in range(2))
-    assert first.examples_used == 15 and first.steps == 2
+    assert (first.examples_used, first.steps, first.window_items, first.replay_items) == (7, 3, 7, 3)
     assert first.loss_curve == second.loss_curve
     assert all(torch.equal(first.state_dict[name], second.state_dict[name]) for name in first.state_dict)
 
 
 def test_a_run_stops_at_max_seconds(problem):
-    config = TrainConfig(lr=5e-5, epochs=50, max_seconds=4.0)
+    config = TrainConfig(lr=5e-5, epochs=50, max_seconds=6.0)
     result = fine_tune(problem.encoder, problem.window, [], problem.index.vectors, config, progress=False)
     assert result.stopped_early and 0 < result.steps < 50 * math.ceil(len(problem.window) / 32)
-    assert result.seconds < config.max_seconds + 1.5  # stops before a step that would end past it
+    # It skips a step the last one's duration says would end past the limit; step times vary
+    # on a shared machine, so the overshoot is bounded by steps, not by a fixed margin.
+    assert result.seconds < config.max_seconds + 2 * result.seconds / result.steps
 
 
 def test_other_clicks_on_the_same_query_are_not_negatives():
@@ -156,9 +162,9 @@ def test_other_clicks_on_the_same_query_are_not_negatives():
 
 
 def test_forgetting_subset_keeps_queries_the_window_never_mentions():
-    qrels = {"q1": {"a": 1}, "q2": {"b": 1, "x": 1}, "q3": {"c": 1}, "q4": {"d": 1}}
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1, "x": 1}, "q3": {"c": 1}, "q4": {"d": 1}, "q5": {"e": 1, "a": 0}}
     window = [make_example("s1", "q", "a", ["x"]), make_example("s2", "q", "d")]
-    assert forgetting_subset(qrels, window) == {"q3": {"c": 1}}
+    assert forgetting_subset(qrels, window) == {"q3": {"c": 1}, "q5": {"e": 1, "a": 0}}
 
 
 def test_gate_passes_within_epsilon_and_fails_on_any_regression():
@@ -186,7 +192,7 @@ def test_replay_buffer_keeps_a_uniform_sample_of_the_stream():
     for start in range(0, len(examples), 700):  # chunks as windows arrive
         buffer.add(examples[start:start + 700])
     assert buffer.seen == 20_000 and len(buffer) == 1000
-    positions = [int(e.query_id[1:]) for e in buffer.items]
+    positions = [int(e.query_id[1:]) for e in buffer.items()]
     assert len(set(positions)) == 1000
     counts = np.bincount(np.array(positions) // 2000, minlength=10)  # expected 100 per tenth of the stream
     chi_square = float(((counts - 100) ** 2 / 100).sum())
@@ -202,9 +208,9 @@ def test_replay_buffer_survives_save_and_load(tmp_path):
     buffer.add([make_example(f"q{i}", f"query {i}", f"d{i}", [f"n{i}", "m"], weight=1.5) for i in range(120)])
     buffer.save(tmp_path / "replay.json")
     loaded = ReplayBuffer.load(tmp_path / "replay.json")
-    assert (loaded.capacity, loaded.seen, loaded.items) == (50, 120, buffer.items)
-    assert isinstance(loaded.items[0].negative_ids, tuple)
+    assert (loaded.capacity, loaded.seen, loaded.items()) == (50, 120, buffer.items())
+    assert isinstance(loaded.items()[0].negative_ids, tuple)
     more = stream(300)
     buffer.add(more)
     loaded.add(more)
-    assert loaded.items == buffer.items  # the random state travels with the buffer
+    assert loaded.items() == buffer.items()  # the random state travels with the buffer
