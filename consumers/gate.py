@@ -44,10 +44,18 @@ def evaluate(embed_queries: EmbedQueries, index: Index, queries: Mapping[str, st
 
 
 def holdout_mrr(embed_queries: EmbedQueries, index: Index, examples: list[TrainingExample],
-                k: int = 10) -> float:
-    """MRR@k of each held-out example's clicked document: the gate for what users actually chose."""
-    rankings = _dense_rankings(embed_queries, index, [e.query for e in examples], k)
-    return _mean([_reciprocal_rank(ranked, {e.positive_id}) for e, ranked in zip(examples, rankings)])
+                k: int = 10, window: list[TrainingExample] = ()) -> float:
+    """MRR@k of the documents users chose for each held-out query: the gate for what users want.
+
+    A query text's chosen documents are its positives among the held-out examples and the
+    ``window`` they came from: ranking another chosen document first is not a miss.
+    """
+    chosen: dict[str, set[str]] = {}
+    for example in (*examples, *window):
+        chosen.setdefault(example.query.lower(), set()).add(example.positive_id)
+    texts = sorted({e.query.lower(): e.query for e in examples}.items())
+    rankings = _dense_rankings(embed_queries, index, [query for _, query in texts], k)
+    return _mean([_reciprocal_rank(ranked, chosen[key]) for (key, _), ranked in zip(texts, rankings)])
 
 
 def forgetting_subset(qrels: Mapping[str, Mapping[str, int]],

@@ -68,6 +68,9 @@ class TrainerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     holdout_share: float = 0.1
+    # A held-out slice with fewer distinct queries is logged but does not gate: one query
+    # moving one rank would swing its MRR by more than any sensible epsilon.
+    min_holdout_queries: int = 30
     promote_champion: bool = False  # demo only: a person normally moves the champion alias
 
 
@@ -105,7 +108,11 @@ class Trainer:
         candidate = Encoder(state_dict=result.state_dict, version="candidate")
         candidate_metrics = self._score(candidate, held_out, examples)
         champion_metrics = self._score(champion, held_out, examples)
-        decision = decide(candidate_metrics, champion_metrics, self.config.gate.epsilon)
+        gated = set(candidate_metrics)
+        if len({e.query.lower() for e in held_out}) < self.config.min_holdout_queries:
+            gated.discard("holdout.mrr@10")
+        decision = decide({k: v for k, v in candidate_metrics.items() if k in gated}, champion_metrics,
+                          self.config.gate.epsilon)
 
         self.replay.add(fit)
         self.replay.save(self.reservoir_path)
@@ -140,7 +147,7 @@ class Trainer:
                window: list[TrainingExample]) -> dict[str, float]:
         scores: dict[str, float] = {}
         if held_out:
-            scores["holdout.mrr@10"] = holdout_mrr(encoder.embed, self.index, held_out)
+            scores["holdout.mrr@10"] = holdout_mrr(encoder.embed, self.index, held_out, window=window)
         if self.gate_set:
             gate = evaluate(encoder.embed, self.index, self.gate_set.queries, self.gate_set.qrels)
             scores["gate.ndcg@10"], scores["gate.mrr@10"] = gate["ndcg@10"], gate["mrr@10"]

@@ -1,16 +1,14 @@
 """Simulated users: the click model, the query split they may use, and clicks through a real API."""
 
 import random
-from pathlib import Path
-
 import pytest
 
 from autoglm import beir
 from autoglm.datasets import document_id, publish_corpus
 from autoglm.simulate import ClickModel, simulate, training_queries
 from tests.conftest import WorkerProcess, wait_until
+from tests.scifact_problem import SCIFACT
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 
 
 def test_position_based_click_model_follows_examination_and_relevance():

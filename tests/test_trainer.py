@@ -1,0 +1,79 @@
+"""The trainer end to end on a small real problem: real model, real index, real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from consumers.finetune import TrainConfig
+from consumers.gate import GateConfig
+from consumers.trainer import GateSet, Trainer, TrainerConfig
+from feedback.store import ExampleStore
+from registry.models import CHALLENGER, CHAMPION, ModelRegistry
+from tests.scifact_problem import SCIFACT, problem  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.skipif(not SCIFACT.exists(), reason="needs ../shared/data/scifact beside the repo")
+
+TRAIN = TrainConfig(lr=2e-5, epochs=2, seed=3)
+
+
+@pytest.fixture
+def setup(problem, tmp_path):
+    store = ExampleStore(tmp_path / "examples.db")
+    store.add(problem.window)
+    store.close_window("size", max_session_share=1.0)
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "artifacts")
+    # The gate set holds the window's topics, so learning them must show on it.
+    gate = GateSet(problem.queries, problem.trained, "trained-topics")
+    yield store, registry, gate, tmp_path / "replay.json"
+    store.close()
+
+
+def trainer(problem, setup, epsilon: float) -> Trainer:
+    store, registry, gate, reservoir = setup
+    return Trainer(problem.index, store, registry, reservoir, gate,
+                   TrainerConfig(train=TRAIN, gate=GateConfig(epsilon=epsilon)))
+
+
+def test_a_better_candidate_is_registered_as_challenger_with_lineage(problem, setup):
+    _, registry, _, _ = setup
+    outcome = trainer(problem, setup, epsilon=0.005).train([1])
+    assert outcome.passed and outcome.version == "1"
+    assert outcome.metrics["candidate.gate.ndcg@10"] > outcome.metrics["champion.gate.ndcg@10"] + 0.03
+    assert {"candidate.holdout.mrr@10", "champion.holdout.mrr@10"} <= set(outcome.metrics)  # logged
+    assert registry.version_for(CHALLENGER) == "1" and registry.version_for(CHAMPION) is None
+    [version] = registry.versions()
+    assert version["tags"]["gate"] == "passed" and version["tags"]["windows"] == "1"
+    run = registry.client.get_run(outcome.run_id)
+    assert run.data.params["lr"] == "2e-05" and run.data.tags["lineage.parent_version"] == "base"
+    assert [m.value for m in registry.client.get_metric_history(outcome.run_id, "train_loss")]
+    served = registry.load_encoder(CHALLENGER).embed(["a query about cells"])
+    assert served.shape == (1, 384)
+
+
+def test_a_rejected_candidate_registers_nothing(problem, setup):
+    _, registry, _, _ = setup
+    impossible = trainer(problem, setup, epsilon=-1.0)  # must beat the champion by a full point
+    outcome = impossible.train([1])
+    assert not outcome.passed and outcome.version is None and outcome.reasons
+    assert registry.versions() == [] and registry.version_for(CHALLENGER) is None
+    run = registry.client.get_run(outcome.run_id)
+    assert run.data.tags["autoglm.decision"] == "rejected"
+
+
+def test_the_replay_buffer_survives_across_windows_and_restarts(problem, setup):
+    store, registry, _, reservoir = setup
+    first = trainer(problem, setup, epsilon=1.0).train([1])
+    seen_after_first = json.loads(reservoir.read_text())["seen"]
+    held_out = int(registry.client.get_run(first.run_id).data.params["lineage.examples_held_out"])
+    assert seen_after_first == len(problem.window) - held_out
+    store.add(problem.replay)
+    store.close_window("size", max_session_share=1.0)
+    restarted = trainer(problem, setup, epsilon=1.0)  # a new process: the reservoir comes from disk
+    assert restarted.replay.seen == seen_after_first
+    second = restarted.train([2])
+    assert restarted.replay.seen > seen_after_first
+    assert registry.client.get_run(second.run_id).data.tags["lineage.replay_seen"] == str(restarted.replay.seen)
+    artifacts = [a.path for a in registry.client.list_artifacts(second.run_id, "extras")]
+    assert "extras/replay.json" in artifacts  # the reservoir is versioned with the run
