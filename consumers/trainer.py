@@ -42,6 +42,8 @@ from search.protocol import Index
 log = logging.getLogger(__name__)
 
 TRAININGS = Counter("autoglm_trainings", "Trainings by outcome (registered, rejected, failed)", ["outcome"])
+TRIGGER_TO_VERSION = Histogram("autoglm_trigger_to_version_seconds", "From a window's training request to "
+                               "its registered version", buckets=(10, 30, 60, 90, 120, 180, 300, 600, 1200))
 TRAINING_SECONDS = Histogram("autoglm_training_seconds", "From a training's start to its registered or "
                              "rejected candidate", buckets=(10, 30, 60, 90, 120, 180, 300, 600, 1200))
 
@@ -194,12 +196,14 @@ class TrainingConsumer:
             while not self._stop.is_set():
                 requests = self._next_requests()
                 if requests:
-                    self._train(sorted({request.window_id for request in requests}))
+                    outcome = self._train(sorted({request.window_id for request in requests}))
+                    if outcome and outcome.passed:
+                        TRIGGER_TO_VERSION.observe(time.time() - min(r.ts for r in requests).timestamp())
                     self._consumer.commit(asynchronous=False)
         finally:
             self._consumer.close()
 
-    def _train(self, windows: list[int], attempts: int = 2) -> None:
+    def _train(self, windows: list[int], attempts: int = 2) -> TrainingOutcome | None:
         """Train once on the windows, retrying a failure once; a window that fails twice is
         logged, counted and skipped, so one poisonous window cannot stall the loop."""
         for attempt in range(1, attempts + 1):
@@ -215,7 +219,8 @@ class TrainingConsumer:
             TRAINING_SECONDS.observe(outcome.seconds)
             self.outcomes.append(outcome)
             self.last_error = None
-            return
+            return outcome
+        return None
 
     def _next_requests(self) -> list[TrainingRequest]:
         """Block briefly for one request, then take every other one already waiting."""
