@@ -36,14 +36,21 @@ class Round:
     dense_ndcg: float
     hybrid_ndcg: float
     searches: int
-    training_seconds: float | None
+    training_seconds: float | None  # mean training time so far
+    trigger_to_version_seconds: float | None  # mean, from a window's request to its registered version
 
 
-def dev_set(root: Path, published: set[str]) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
-    """Dev queries and qrels, restricted to documents that were published (for --docs subsets)."""
+@dataclass
+class DemoResult:
+    rounds: list[Round]
+    test: dict[str, dict[str, float]] | None  # {"base": {mode: nDCG}, "final": {...}} when asked for
+
+
+def judged_set(root: Path, published: set[str], split: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """Queries and qrels of "dev" (carved from train) or "test", restricted to published documents."""
     texts = beir.read_queries(root)
-    _, dev = beir.split_train(beir.read_qrels(root, "train"))
-    qrels = {q: {d: g for d, g in docs.items() if d in published} for q, docs in dev.items()}
+    qrels = beir.split_train(beir.read_qrels(root, "train"))[1] if split == "dev" else beir.read_qrels(root, split)
+    qrels = {q: {d: g for d, g in docs.items() if d in published} for q, docs in qrels.items()}
     qrels = {q: docs for q, docs in qrels.items() if docs}
     return {q: texts[q] for q in qrels}, qrels
 
@@ -89,7 +96,9 @@ class UpProcess:
 
 
 def run_demo(dataset: Path, data_dir: Path, rounds: int, window: int, docs: int | None,
-             out: Path, max_searches_per_round: int = 20_000) -> list[Round]:
+             out: Path, max_searches_per_round: int = 20_000, report_test: bool = False) -> DemoResult:
+    """Run the loop; with report_test, the test split is scored for the base and the final model
+    and shown only at the end (nothing is tuned on it)."""
     port = free_port()
     up = UpProcess(["--data-dir", str(data_dir), "--api-port", str(port), "--cdc-topics", r"^cdc\.beir\.",
                     "--window-size", str(window), "--gate-dataset", str(dataset), "--promote-champion"])
@@ -104,14 +113,17 @@ def run_demo(dataset: Path, data_dir: Path, rounds: int, window: int, docs: int 
                 bar.update(int(indexed) - bar.n)
                 time.sleep(1)
             bar.update(count - bar.n)
-        queries, qrels = dev_set(dataset, published)
-        results = [_measure(client, queries, qrels, 0, 0, None)]
+        queries, qrels = judged_set(dataset, published, "dev")
+        test = judged_set(dataset, published, "test") if report_test else None
+        base_test = _test_scores(client, *test) if test else None
+        results = [_measure(client, queries, qrels, 0, 0)]
         print(_table(results))
         for number in range(1, rounds + 1):
             results.append(_round(client, api, dataset, queries, qrels, number, max_searches_per_round))
             print(_table(results))
-        _save(results, out)
-        return results
+        outcome = DemoResult(results, {"base": base_test, "final": _test_scores(client, *test)} if test else None)
+        _save(outcome, out)
+        return outcome
     finally:
         up.stop()
 
@@ -125,33 +137,48 @@ def _round(client, api, dataset, queries, qrels, number, max_searches) -> Round:
         searches += 100
     while trainings() == before:
         time.sleep(2)
-    metrics = client.get("/metrics").text
-    seconds = sample_value(metrics, "autoglm_training_seconds_sum") / max(1.0, sample_value(
-        metrics, "autoglm_training_seconds_count"))
-    return _measure(client, queries, qrels, number, searches, seconds)
+    return _measure(client, queries, qrels, number, searches)
 
 
-def _measure(client, queries, qrels, number, searches, seconds) -> Round:
+def _measure(client, queries, qrels, number, searches) -> Round:
     dense, version = evaluate(client, queries, qrels, "dense")
     hybrid, _ = evaluate(client, queries, qrels, "hybrid")
-    return Round(number, version, dense, hybrid, searches, seconds)
+    metrics = client.get("/metrics").text
+
+    def mean(name: str) -> float | None:
+        count = sample_value(metrics, f"{name}_count")
+        return sample_value(metrics, f"{name}_sum") / count if count else None
+
+    return Round(number, version, dense, hybrid, searches, mean("autoglm_training_seconds"),
+                 mean("autoglm_trigger_to_version_seconds"))
+
+
+def _test_scores(client, queries, qrels) -> dict[str, float]:
+    return {mode: evaluate(client, queries, qrels, mode)[0] for mode in ("bm25", "dense", "hybrid")}
 
 
 def _table(results: list[Round]) -> str:
-    lines = ["round  model                                   dense nDCG@10  hybrid nDCG@10  searches",
-             *(f"{r.round:>5}  {r.model_version:<38}  {r.dense_ndcg:>13.4f}  {r.hybrid_ndcg:>14.4f}  {r.searches:>8}"
-               for r in results)]
+    def seconds(value: float | None) -> str:
+        return f"{value:.0f}" if value is not None else "-"
+
+    lines = ["round  model                                   dense nDCG@10  hybrid nDCG@10  searches  "
+             "trigger->version s",
+             *(f"{r.round:>5}  {r.model_version:<38}  {r.dense_ndcg:>13.4f}  {r.hybrid_ndcg:>14.4f}  "
+               f"{r.searches:>8}  {seconds(r.trigger_to_version_seconds):>18}" for r in results)]
     return "\n".join(lines)
 
 
-def _save(results: list[Round], out: Path) -> None:
+def _save(outcome: DemoResult, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = outcome.rounds
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    (out / "demo.json").write_text(json.dumps(asdict(outcome), indent=2))
+    if outcome.test:
+        print("test split (reported once):", json.dumps(outcome.test))
     figure, axis = plt.subplots(figsize=(7, 4))
     rounds = [r.round for r in results]
     axis.plot(rounds, [r.dense_ndcg for r in results], marker="o", label="dense")
