@@ -7,11 +7,12 @@ One run measures, in this order (each phase needs the state the previous one lef
 2. end-to-end throughput: the corpus published as a Debezium snapshot (op "r") through the
    embedded broker into a fresh worker, until its ``autoglm_documents`` gauge shows every document;
 3. query latency per mode over HTTP (query encoding included) and
-4. nDCG@10 per mode on the dev split of the train queries, both on the pristine snapshot;
-5. freshness of single updates on an idle system, then
-6. freshness under a steady load of new documents at half the raw encoder throughput;
-7. the synthetic documents of 5-6 are deleted again, the worker is stopped, and the RRF fusion
-   weights are swept in-process on the index it left behind (same dev split).
+4. nDCG@10 per mode on the dev split of the train queries, through the API;
+5. the worker stops, and the RRF fusion weights are swept in-process on the index it left
+   (one process owns an index directory), i.e. on exactly the documents phase 4 ranked;
+6. the worker restarts on the same index and broker: freshness of single updates on an idle
+   system, then
+7. freshness under a steady load of new documents at half the raw encoder throughput.
 
 Targets (from the project brief) are printed next to each number, and so is the share of the
 CPU that other processes took during each phase: on 2 cores a neighbour skews everything.
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -55,6 +56,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installi
 from autoglm.beir import (CorpusDocument, mean_ndcg, read_corpus, read_qrels, read_queries,  # noqa: E402
                           split_train)
 from autoglm.broker import EmbeddedBroker, free_port  # noqa: E402
+from autoglm.datasets import corpus_id  # noqa: E402
 from autoglm.debezium import change_event, producer  # noqa: E402
 from autoglm.encoder import Encoder  # noqa: E402
 from autoglm.process import die_with_parent  # noqa: E402
@@ -62,14 +64,14 @@ from autoglm.settings import FusionWeights, Settings  # noqa: E402
 from autoglm.topics import ensure_topics  # noqa: E402
 from search.embedded import EmbeddedIndex  # noqa: E402
 from search.protocol import Document  # noqa: E402
-from search.query import MODES, SearchService  # noqa: E402
+from search.query import MODES, SearchService, ServedModel  # noqa: E402
 
 SCHEMA, TABLE = "beir", "scifact"
 TOPIC = f"cdc.{SCHEMA}.{TABLE}"
 ENCODE_CHUNK = Settings().batch_max  # the worker's largest micro-batch
 GAUGE_POLL_S = 0.5
 VISIBILITY_POLL_S = 0.005  # a GET costs the worker ~1 ms of CPU: faster polling slows what it measures
-NDCG_K = 10
+NDCG_K = 10  # every search asks for this many hits: the depth nDCG is measured at
 TARGETS = {"e2e_over_raw": 0.9, "idle_p99_ms": 250.0, "load_p99_ms": 1500.0, "hybrid_p50_ms": 20.0}
 SWEEP_DENSE_OVER_BM25 = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)  # RRF ranks depend on the ratio only
 SWEEP_RRF_K = (5, 10, 20, 40, 60, 100)
@@ -99,14 +101,13 @@ class Plan:
 # -- the system under test ------------------------------------------------------------------
 
 
-class Pipeline:
-    """A running broker + worker pair, seen the way a Debezium source and a search client see it."""
+class Source:
+    """The database side: change events of one table, numbered by one increasing log position."""
 
-    def __init__(self, broker: str, api: str):
-        self.client = httpx.Client(base_url=api, timeout=30)
-        # linger 0: the source sends each change at once, so freshness is the worker's, not a batch wait.
+    def __init__(self, broker: str):
+        # linger 0: each change is sent at once, so freshness is the worker's, not a batch wait.
         self.producer = producer(broker, **{"linger.ms": 0})
-        self._lsn = itertools.count(1)  # one source, so one increasing log position for every event
+        self._lsn = itertools.count(1)
 
     def publish(self, op: str, pk: str, title: str = "", text: str = "") -> float:
         """Send one change stamped with the current time; returns perf_counter() at the send."""
@@ -120,9 +121,15 @@ class Pipeline:
         return sent
 
     def close(self) -> None:
-        """Deliver what is queued, then let the producer go before the broker does (or it retries noisily)."""
+        """Deliver what is queued; closed before the broker stops, or librdkafka retries noisily."""
         self.producer.close()
-        self.client.close()
+
+
+class WorkerApi:
+    """The worker as its users see it: the HTTP API (search, documents, metrics)."""
+
+    def __init__(self, url: str):
+        self.client = httpx.Client(base_url=url, timeout=30)
 
     def metric_samples(self) -> dict[tuple[str, tuple], float]:
         """Every sample of /metrics, keyed by (sample name, sorted labels)."""
@@ -160,36 +167,51 @@ class Pipeline:
             time.sleep(VISIBILITY_POLL_S)
         raise TimeoutError(f"{path} did not show title {title!r} within {timeout:.0f} s")
 
-    def search_ids(self, query: str, mode: str, k: int = NDCG_K) -> list[str]:
-        response = self.client.get("/search", params={"q": query, "k": k, "mode": mode})
+    def search_ids(self, query: str, mode: str, log: bool = True) -> list[str]:
+        """Ids of the top NDCG_K hits; ``log`` False keeps an evaluation out of the impression stream."""
+        params = {"q": query, "k": NDCG_K, "mode": mode, "log": str(log).lower()}
+        response = self.client.get("/search", params=params)
         response.raise_for_status()
         return [hit["id"] for hit in response.json()["hits"]]
 
 
 @contextmanager
-def running_pipeline(data_dir: Path, outcome: dict) -> Iterator[Pipeline]:
-    """Broker, CDC topic and worker, torn down in reverse order even on errors.
+def running_broker(data_dir: Path) -> Iterator[str]:
+    """The embedded broker with the CDC topic (1 partition, Debezium's default); yields its address.
 
-    The topic exists before the worker starts because the worker subscribes to the matching
-    topics it finds at start. The worker's exit code and shutdown time land in ``outcome``.
+    The topic exists before any worker starts: a worker subscribes to the matching topics it
+    finds at start. The broker outlives the workers, so a restarted worker resumes its offsets.
     """
-    with ExitStack() as stack:
-        broker = EmbeddedBroker(log_file=data_dir / "broker.log").start()
-        stack.callback(broker.stop)
+    broker = EmbeddedBroker(log_file=data_dir / "broker.log").start()
+    try:
         ensure_topics(broker.address, [TOPIC], partitions=1)
-        port = free_port()
-        log_path = data_dir / "worker.log"
+        yield broker.address
+    finally:
+        broker.stop()
+
+
+@contextmanager
+def running_worker(broker: str, data_dir: Path, outcome: dict) -> Iterator[WorkerApi]:
+    """One worker process on data_dir, stopped with SIGTERM even on errors.
+
+    ``outcome`` gets the seconds until it was healthy, its exit code and its shutdown time.
+    """
+    port = free_port()
+    log_path = data_dir / "worker.log"
+    with ExitStack() as stack:
         log = stack.enter_context(open(log_path, "ab"))
+        started = time.perf_counter()
         worker = subprocess.Popen(
-            [sys.executable, "-m", "autoglm.cli", "worker", "--broker", broker.address,
-             "--data-dir", str(data_dir), "--api-port", str(port), "--cdc-topics", r"^cdc\."],
+            [sys.executable, "-m", "autoglm.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
+             "--api-port", str(port), "--cdc-topics", r"^cdc\."],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=die_with_parent)
         stack.callback(stop_worker, worker, outcome)
+        api = WorkerApi(f"http://127.0.0.1:{port}")
+        stack.callback(api.client.close)
         try:
-            pipeline = Pipeline(broker.address, f"http://127.0.0.1:{port}")
-            stack.callback(pipeline.close)
-            wait_healthy(pipeline.client, worker)
-            yield pipeline
+            wait_healthy(api.client, worker)
+            outcome["healthy_after_s"] = round(time.perf_counter() - started, 1)
+            yield api
         except BaseException:
             console.print(f"[red]worker log tail ({log_path}):[/red]\n{log_tail(log_path)}")
             raise
@@ -281,17 +303,17 @@ def measure_raw_encoder(encoder: Encoder, corpus: Sequence[CorpusDocument]) -> d
             "docs_per_s": round(len(texts) / seconds, 2)}
 
 
-def measure_snapshot_ingest(pipeline: Pipeline, corpus: Sequence[CorpusDocument],
+def measure_snapshot_ingest(source: Source, api: WorkerApi, corpus: Sequence[CorpusDocument],
                             raw_docs_per_s: float) -> dict:
     """Documents/s from the first produced snapshot event until the worker counts them all."""
     started = time.perf_counter()
     for doc in corpus:
-        pipeline.publish("r", doc.id, doc.title, doc.text)
-    pipeline.producer.flush(30)
+        source.publish("r", doc.id, doc.title, doc.text)
+    source.producer.flush(30)
     produced_s = time.perf_counter() - started
     with tqdm(total=len(corpus), desc="end-to-end", unit="doc") as progress:
-        done = pipeline.wait_for_count(len(corpus), timeout=max(600.0, 10 * len(corpus) / raw_docs_per_s),
-                                       progress=progress)
+        done = api.wait_for_count(len(corpus), timeout=max(600.0, 10 * len(corpus) / raw_docs_per_s),
+                                  progress=progress)
     seconds = done - started
     docs_per_s = len(corpus) / seconds
     return {"documents": len(corpus), "produce_s": round(produced_s, 2), "seconds": round(seconds, 2),
@@ -299,8 +321,10 @@ def measure_snapshot_ingest(pipeline: Pipeline, corpus: Sequence[CorpusDocument]
             "gauge_poll_s": GAUGE_POLL_S}
 
 
-def measure_query_latency(pipeline: Pipeline, queries: Sequence[str], plan: Plan) -> dict[str, list[float]]:
-    """Client-side seconds per search, per mode; every query text is used once, so no cache can help."""
+def measure_query_latency(api: WorkerApi, queries: Sequence[str], plan: Plan) -> dict[str, list[float]]:
+    """Client-side seconds per search, per mode; every query text is used once, so no cache can help.
+
+    Searches log their impression, as a user's search does."""
     per_mode = plan.latency_warmup_per_mode + plan.latency_queries_per_mode
     if len(queries) < per_mode * len(MODES):
         raise ValueError(f"need {per_mode * len(MODES)} distinct queries, have {len(queries)}")
@@ -308,27 +332,29 @@ def measure_query_latency(pipeline: Pipeline, queries: Sequence[str], plan: Plan
     for number, mode in enumerate(MODES):
         mine = queries[number * per_mode:(number + 1) * per_mode]
         for query in mine[:plan.latency_warmup_per_mode]:
-            pipeline.search_ids(query, mode)
+            api.search_ids(query, mode)
         samples = []
         for query in tqdm(mine[plan.latency_warmup_per_mode:], desc=f"latency {mode}", unit="query"):
             started = time.perf_counter()
-            pipeline.search_ids(query, mode)
+            api.search_ids(query, mode)
             samples.append(time.perf_counter() - started)
         latencies[mode] = samples
     return latencies
 
 
-def measure_api_ndcg(pipeline: Pipeline, queries: dict[str, str], dev: dict[str, dict[str, int]]) -> dict:
-    """nDCG@10 per mode through the API, i.e. with the worker's own fusion settings."""
+def measure_api_ndcg(api: WorkerApi, queries: dict[str, str], dev: dict[str, dict[str, int]]) -> dict:
+    """nDCG@10 per mode through the API, i.e. with the worker's own fusion settings (not logged as
+    impressions: an evaluation is not user behaviour)."""
     scores = {}
     for mode in MODES:
-        ranked = {qid: [corpus_id(hit) for hit in pipeline.search_ids(queries[qid], mode)]
+        ranked = {qid: [corpus_id(hit) for hit in api.search_ids(queries[qid], mode, log=False)]
                   for qid in tqdm(dev, desc=f"nDCG {mode}", unit="query")}
         scores[mode] = round(mean_ndcg(ranked, dev, NDCG_K), 4)
     return scores
 
 
-def measure_idle_freshness(pipeline: Pipeline, corpus: Sequence[CorpusDocument], probes: int) -> list[float]:
+def measure_idle_freshness(source: Source, api: WorkerApi, corpus: Sequence[CorpusDocument],
+                           probes: int) -> list[float]:
     """Seconds until an update is readable, one update at a time, the system otherwise idle.
 
     Every probe rewrites the same extra row with a unique title, so it is a real update that
@@ -338,15 +364,15 @@ def measure_idle_freshness(pipeline: Pipeline, corpus: Sequence[CorpusDocument],
     for number in tqdm(range(probes + 1), desc="idle freshness", unit="update"):
         doc = corpus[number % len(corpus)]
         title = f"Probe {number}: {doc.title}"
-        seconds = pipeline.wait_visible("probe", title, pipeline.publish("u", "probe", title, doc.text))
+        seconds = api.wait_visible("probe", title, source.publish("u", "probe", title, doc.text))
         if number:
             samples.append(seconds)
         time.sleep(0.1)  # let the worker ack and fall idle again
     return samples
 
 
-def produce_steadily(pipeline: Pipeline, corpus: Sequence[CorpusDocument], rate: float, seconds: float,
-                     sent_events: queue.Queue) -> int:
+def produce_steadily(source: Source, corpus: Sequence[CorpusDocument], rate: float, seconds: float,
+                     sent_events: queue.Queue) -> tuple[int, float]:
     """New unique documents at a fixed rate (on a schedule, so a slow send does not lower the rate).
 
     Returns how many it sent and perf_counter() at the last send."""
@@ -356,13 +382,13 @@ def produce_steadily(pipeline: Pipeline, corpus: Sequence[CorpusDocument], rate:
         time.sleep(max(0.0, due - time.perf_counter()))
         doc = corpus[count % len(corpus)]
         pk, title = f"load-{count}", f"Load {count}: {doc.title}"
-        sent = pipeline.publish("c", pk, title, doc.text)
+        sent = source.publish("c", pk, title, doc.text)
         sent_events.put((pk, title, sent))
         count += 1
     return count, sent
 
 
-def measure_loaded_freshness(pipeline: Pipeline, corpus: Sequence[CorpusDocument], rate: float,
+def measure_loaded_freshness(source: Source, api: WorkerApi, corpus: Sequence[CorpusDocument], rate: float,
                              seconds: float) -> dict:
     """Freshness of marked events while a background source writes at ``rate`` documents/s.
 
@@ -370,21 +396,21 @@ def measure_loaded_freshness(pipeline: Pipeline, corpus: Sequence[CorpusDocument
     polling within milliseconds of the send and never polls more than one id at a time. At the
     end it waits for the backlog: a worker that cannot keep up shows it there first.
     """
-    baseline = pipeline.document_count()
+    baseline = api.document_count()
     sent_events: queue.Queue = queue.Queue()
     samples = []
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(desc="loaded freshness", unit="probe") as progress:
-        source: Future = pool.submit(produce_steadily, pipeline, corpus, rate, seconds, sent_events)
-        while not source.done():
+        load: Future = pool.submit(produce_steadily, source, corpus, rate, seconds, sent_events)
+        while not load.done():
             drain(sent_events)
             try:
                 pk, title, sent = sent_events.get(timeout=1.0)
             except queue.Empty:
                 continue
-            samples.append(pipeline.wait_visible(pk, title, sent))
+            samples.append(api.wait_visible(pk, title, sent))
             progress.update()
-        published, last_sent = source.result()
-    caught_up = pipeline.wait_for_count(baseline + published, timeout=300)
+        published, last_sent = load.result()
+    caught_up = api.wait_for_count(baseline + published, timeout=300)
     return {"rate_docs_per_s": round(rate, 2), "seconds": seconds, "published": published,
             "catch_up_after_last_send_s": round(caught_up - last_sent, 2), "samples": samples}
 
@@ -399,29 +425,29 @@ def drain(events: queue.Queue) -> None:
             return
 
 
-def remove_synthetic_documents(pipeline: Pipeline, loaded: int, corpus_size: int) -> None:
-    """Delete the probe and load rows, so the sweep sees the same documents as the API nDCG did."""
-    for pk in ["probe", *(f"load-{number}" for number in range(loaded))]:
-        pipeline.publish("d", pk)
-    pipeline.producer.flush(10)
-    pipeline.wait_for_count(corpus_size, timeout=120)
+class MemoisedEncoder:
+    """The query encoder, each query embedded once: the sweep ranks the same queries many times."""
+
+    def __init__(self, encoder: Encoder):
+        self.version = encoder.version
+        self.embed_one = functools.lru_cache(maxsize=None)(encoder.embed_one)
 
 
 def sweep_fusion(index_dir: Path, encoder: Encoder, queries: dict[str, str], dev: dict) -> dict:
     """Dev nDCG@10 of hybrid search over a grid of RRF weights and k, on the index the worker left.
 
-    It runs after the worker has stopped, because one process owns an index directory. Each
-    query is encoded once (memoised), so the grid costs index lookups only.
+    It runs after the worker has stopped, because one process owns an index directory. The
+    index holds what the API ranked in phase 4, so the default row reproduces the API's hybrid.
     """
-    embed = functools.lru_cache(maxsize=None)(encoder.embed_one)
+    served = ServedModel(MemoisedEncoder(encoder))
     defaults = Settings()
     grid = []
     index = EmbeddedIndex(index_dir)
     try:
         for ratio, rrf_k in tqdm(list(itertools.product(SWEEP_DENSE_OVER_BM25, SWEEP_RRF_K)),
                                  desc="fusion sweep"):
-            service = SearchService(index, embed, encoder.version, FusionWeights(bm25=1.0, dense=ratio),
-                                    rrf_k, defaults.fusion_candidates)
+            service = SearchService(index, served, weights=FusionWeights(bm25=1.0, dense=ratio), rrf_k=rrf_k,
+                                    candidates=defaults.fusion_candidates)
             ranked = {}
             for qid in dev:
                 result = service.search(queries[qid], NDCG_K, mode="hybrid")
@@ -437,11 +463,6 @@ def sweep_fusion(index_dir: Path, encoder: Encoder, queries: dict[str, str], dev
 
 
 # -- summaries ------------------------------------------------------------------------------------
-
-
-def corpus_id(doc_id: str) -> str:
-    """'beir.scifact:4983' -> '4983', the id the qrels use."""
-    return doc_id.split(":", 1)[1]
 
 
 def restrict_qrels(qrels: dict[str, dict[str, int]], indexed: set[str]) -> dict[str, dict[str, int]]:
@@ -489,7 +510,7 @@ def target_checks(results: dict) -> dict:
         "e2e_over_raw": (results["end_to_end"]["e2e_over_raw"], ">="),
         "idle_p99_ms": (results["freshness_idle"]["client"]["p99_ms"], "<="),
         "load_p99_ms": (results["freshness_load"]["client"]["p99_ms"], "<="),
-        "hybrid_p50_ms": (results["query_latency"]["hybrid"]["p50_ms"], "<="),
+        "hybrid_p50_ms": (results["query_latency"]["modes"]["hybrid"]["p50_ms"], "<="),
     }
     table = {name: {"value": value, "target": f"{op} {TARGETS[name]:g}",
                     "met": value >= TARGETS[name] if op == ">=" else value <= TARGETS[name]}
@@ -512,70 +533,77 @@ def environment() -> dict:
 # -- the run ----------------------------------------------------------------------------------------
 
 
-def run_live_phases(pipeline: Pipeline, corpus: list[CorpusDocument], queries: dict[str, str], train: dict,
-                    dev: dict, raw: dict, plan: Plan, interference: dict) -> tuple[dict, dict]:
-    """Phases 2-6 against the running worker, then the clean-up that keeps phase 7 comparable.
-
-    Returns (results, raw samples for the plot)."""
+def run_snapshot_phases(source: Source, api: WorkerApi, corpus: list[CorpusDocument],
+                        queries: dict[str, str], train: dict, dev: dict, raw: dict, plan: Plan,
+                        interference: dict) -> tuple[dict, dict]:
+    """Phases 2-4 on a fresh worker: ingest the snapshot, then query it. Returns (results, samples)."""
     results: dict = {}
     with phase("2. end-to-end snapshot ingest", "end_to_end", interference):
-        before = pipeline.metric_samples()
-        results["end_to_end"] = measure_snapshot_ingest(pipeline, corpus, raw["docs_per_s"])
-        results["end_to_end"]["worker"] = worker_view(before, pipeline.metric_samples())
+        before = api.metric_samples()
+        results["end_to_end"] = measure_snapshot_ingest(source, api, corpus, raw["docs_per_s"])
+        results["end_to_end"]["worker"] = worker_view(before, api.metric_samples())
 
     with phase("3. query latency over the API", "query_latency", interference):
-        latencies = measure_query_latency(pipeline, [queries[qid] for qid in train], plan)
-    results["query_latency"] = {mode: percentiles_ms(values) for mode, values in latencies.items()}
+        latencies = measure_query_latency(api, [queries[qid] for qid in train], plan)
+    results["query_latency"] = {"impressions_logged": True,
+                                "modes": {mode: percentiles_ms(values) for mode, values in latencies.items()}}
 
     with phase("4. nDCG@10 over the API", "ndcg", interference):
         results["ndcg_at_10"] = {"split": "dev of train (autoglm.beir.split_train)", "queries": len(dev),
-                                 "api": measure_api_ndcg(pipeline, queries, dev)}
+                                 "api": measure_api_ndcg(api, queries, dev)}
+    return results, {"query_ms": {mode: milliseconds(values) for mode, values in latencies.items()}}
 
-    with phase("5. freshness, idle", "freshness_idle", interference):
-        before = pipeline.metric_samples()
-        idle = measure_idle_freshness(pipeline, corpus, plan.idle_probes)
+
+def run_freshness_phases(source: Source, api: WorkerApi, corpus: list[CorpusDocument], raw: dict, plan: Plan,
+                         interference: dict) -> tuple[dict, dict]:
+    """Phases 6-7 on the restarted worker. Returns (results, samples)."""
+    results: dict = {}
+    with phase("6. freshness, idle", "freshness_idle", interference):
+        before = api.metric_samples()
+        idle = measure_idle_freshness(source, api, corpus, plan.idle_probes)
         results["freshness_idle"] = {"client": percentiles_ms(idle), "poll_s": VISIBILITY_POLL_S,
-                                     "worker": worker_view(before, pipeline.metric_samples())}
+                                     "worker": worker_view(before, api.metric_samples())}
 
-    with phase("6. freshness under load", "freshness_load", interference):
-        before = pipeline.metric_samples()
-        load = measure_loaded_freshness(pipeline, corpus, raw["docs_per_s"] / 2, plan.load_seconds)
+    with phase("7. freshness under load", "freshness_load", interference):
+        before = api.metric_samples()
+        load = measure_loaded_freshness(source, api, corpus, raw["docs_per_s"] / 2, plan.load_seconds)
         results["freshness_load"] = {**{key: value for key, value in load.items() if key != "samples"},
                                      "client": percentiles_ms(load["samples"]), "poll_s": VISIBILITY_POLL_S,
-                                     "worker": worker_view(before, pipeline.metric_samples())}
-
-    remove_synthetic_documents(pipeline, load["published"], len(corpus))
-    samples = {"idle_ms": milliseconds(idle), "load_ms": milliseconds(load["samples"]),
-               "query_ms": {mode: milliseconds(values) for mode, values in latencies.items()}}
-    return results, samples
+                                     "worker": worker_view(before, api.metric_samples())}
+    return results, {"idle_ms": milliseconds(idle), "load_ms": milliseconds(load["samples"])}
 
 
 def run(dataset: Path, plan: Plan) -> dict:
-    """All phases; the worker and broker are gone when it returns, whatever happened."""
+    """All phases; the workers and the broker are gone when it returns, whatever happened."""
     started = time.perf_counter()
     corpus = list(islice(read_corpus(dataset), plan.limit))
     queries = read_queries(dataset)
     train = read_qrels(dataset, "train")
     dev = restrict_qrels(split_train(train)[1], {doc.id for doc in corpus})
     interference: dict = {}
+    workers: dict = {"snapshot": {}, "restarted": {}}
     results = {"dataset": str(dataset), "plan": dataclasses.asdict(plan), "environment": environment(),
-               "other_processes_cpu_share": interference}
+               "other_processes_cpu_share": interference, "workers": workers}
 
     encoder = Encoder()
     with phase(f"1. raw encoder ({len(corpus)} documents)", "raw_encoder", interference):
         results["raw_encoder"] = measure_raw_encoder(encoder, corpus)
-    worker: dict = {}
-    with tempfile.TemporaryDirectory(prefix="autoglm-bench-") as data_dir:
-        with running_pipeline(Path(data_dir), worker) as pipeline:
-            live, samples = run_live_phases(pipeline, corpus, queries, train, dev, results["raw_encoder"],
-                                            plan, interference)
-        with phase("7. fusion weight sweep (worker stopped)", "fusion_sweep", interference):
-            sweep = sweep_fusion(Path(data_dir) / "index", encoder, queries, dev)
-    results.update(live, worker_shutdown=worker)
-    results["ndcg_at_10"]["fusion_sweep"] = sweep
+    raw = results["raw_encoder"]
+    with ExitStack() as stack:
+        data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="autoglm-bench-")))
+        broker = stack.enter_context(running_broker(data_dir))
+        source = stack.enter_context(closing(Source(broker)))
+        with running_worker(broker, data_dir, workers["snapshot"]) as api:
+            snapshot, samples = run_snapshot_phases(source, api, corpus, queries, train, dev, raw, plan,
+                                                    interference)
+        with phase("5. fusion weight sweep (worker stopped)", "fusion_sweep", interference):
+            snapshot["ndcg_at_10"]["fusion_sweep"] = sweep_fusion(data_dir / "index", encoder, queries, dev)
+        with running_worker(broker, data_dir, workers["restarted"]) as api:
+            freshness, freshness_samples = run_freshness_phases(source, api, corpus, raw, plan, interference)
+    results.update(snapshot, **freshness)
     results["targets"] = target_checks(results)
     results["runtime_s"] = round(time.perf_counter() - started, 1)
-    results["samples"] = samples
+    results["samples"] = {**samples, **freshness_samples}
     return results
 
 
@@ -603,7 +631,7 @@ def print_table(results: dict) -> None:
         table.add_row(f"{label} p50 / p99",
                       f"{client['p50_ms']:.0f} / {client['p99_ms']:.0f} ms (n={client['n']}; "
                       f"worker p99 <= {fresh['worker']['p99_at_most_s']} s)", verdict(target))
-    for mode, latency in results["query_latency"].items():
+    for mode, latency in results["query_latency"]["modes"].items():
         table.add_row(f"query {mode} p50 / p99", f"{latency['p50_ms']:.1f} / {latency['p99_ms']:.1f} ms",
                       verdict("hybrid_p50_ms") if mode == "hybrid" else "")
     table.add_row("nDCG@10 bm25 / dense / hybrid",
@@ -612,7 +640,11 @@ def print_table(results: dict) -> None:
     best, default = sweep["best"], sweep["default"]
     table.add_row("best RRF on dev (in-process)",
                   f"bm25 {best['bm25']:g}, dense {best['dense']:g}, k {best['rrf_k']}: {best['ndcg']:.4f} "
-                  f"(default {default['ndcg']:.4f})", "")
+                  f"(default {default['ndcg']:.4f}, API {ndcg['hybrid']:.4f})", "")
+    first, second = results["workers"]["snapshot"], results["workers"]["restarted"]
+    table.add_row("worker healthy after start / restart",
+                  f"{first['healthy_after_s']:.0f} / {second['healthy_after_s']:.0f} s "
+                  f"(exit codes {first['exit_code']}, {second['exit_code']})", "")
     share = results["other_processes_cpu_share"]
     busiest = max(share, key=share.get)
     table.add_row("other processes' CPU (busiest phase)", f"{share[busiest]:.0%} of the machine in {busiest}",
