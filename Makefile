@@ -23,6 +23,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/ingest.py --dataset ../shared/data/scifact
+	$(BIN)/python bench/learning.py --dataset ../shared/data/scifact
 
 clean:
 	rm -rf $(VENV) autoglm-data
