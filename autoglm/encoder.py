@@ -63,14 +63,11 @@ class Encoder:
         return output
 
     def embed_one(self, text: str) -> np.ndarray:
-        """One query. Its length is padded up to a multiple of 16 tokens: the CPU kernels are
-        built per input shape, and a few shapes stay warm where every length would not."""
-        with self._lock, torch.inference_mode():
-            return self._forward([text], pad_to_multiple_of=16)[0].numpy()
+        return self.embed([text])[0]
 
-    def _forward(self, texts: list[str], pad_to_multiple_of: int | None = None) -> torch.Tensor:
+    def _forward(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length,
-                               pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+                               return_tensors="pt")
         hidden = self.model(**batch).last_hidden_state
         return mean_pool_normalised(hidden, batch["attention_mask"])
 
