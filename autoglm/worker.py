@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 
 from autoglm import topics
 from autoglm.settings import Settings

@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from autoglm import beir
 from autoglm.encoder import Encoder
 from consumers.finetune import TrainConfig, _other_positives, fine_tune
 from consumers.gate import GateConfig, decide, evaluate, forgetting_subset, holdout_mrr

@@ -2,7 +2,6 @@
 
 import random
 import signal
-import time
 
 from autoglm.debezium import change_event, producer
 from autoglm.settings import Settings
