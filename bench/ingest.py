@@ -524,10 +524,15 @@ def target_checks(results: dict) -> dict:
 def environment() -> dict:
     import torch
 
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     return {"python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "git": commit}
+            "torch_threads": torch.get_num_threads(), "git": git_version()}
+
+
+def git_version() -> str:
+    """The checked-out commit, "-dirty" with local changes; read at the start and at the end of a run,
+    so a result can be traced to the code it measured even when the tree moves meanwhile."""
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -602,6 +607,7 @@ def run(dataset: Path, plan: Plan) -> dict:
             freshness, freshness_samples = run_freshness_phases(source, api, corpus, raw, plan, interference)
     results.update(snapshot, **freshness)
     results["targets"] = target_checks(results)
+    results["environment"]["git_at_end"] = git_version()
     results["runtime_s"] = round(time.perf_counter() - started, 1)
     results["samples"] = {**samples, **freshness_samples}
     return results
