@@ -9,7 +9,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class FusionWeights:
-    """Weights of the rankers fused by reciprocal rank fusion (tuned on the SciFact dev split)."""
+    """Weights of the rankers fused by reciprocal rank fusion. Equal weights with k=60 are the
+    untuned default; bench/ingest.py sweeps weights and k on the SciFact dev split."""
 
     bm25: float = 1.0
     dense: float = 1.0
