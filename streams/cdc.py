@@ -50,7 +50,6 @@ class CdcProcessor:
         self.sink = sink
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=4 * settings.batch_max)
         self.last_error: str | None = None
-        self.batches = 0
         self.topic = app.topic(*topics.matching_topics(settings.broker, settings.cdc_topics),
                                key_serializer="raw", value_serializer="raw")
         self.dead_letters = DeadLetters(app)
@@ -104,7 +103,6 @@ class CdcProcessor:
             await self._until_done("ingest", lambda: loop.run_in_executor(None, self.sink.apply, changes, offsets))
             for pending in batch:
                 await self._stream.ack(pending.event)
-            self.batches += 1
 
     async def _next_batch(self) -> list[_Pending]:
         batch = [await self.queue.get()]

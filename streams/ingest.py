@@ -96,9 +96,7 @@ class IngestSink:
                     metrics.EVENTS.labels(change_op(previous), "stale").inc()
                     report.stale += 1
             elif count:
-                outcome = "duplicate" if change.position == previous.position else "stale"
-                metrics.EVENTS.labels(change_op(change), outcome).inc()
-                setattr(report, outcome, getattr(report, outcome) + 1)
+                _count_skipped(change, previous.position, report)
 
         stored = self.index.states(list(newest))
         upserts: list[Document] = []
@@ -107,9 +105,7 @@ class IngestSink:
             state = stored.get(doc_id)
             if state is not None and not is_newer(change.position, state.position):
                 if count:
-                    outcome = "duplicate" if change.position == state.position else "stale"
-                    metrics.EVENTS.labels(change_op(change), outcome).inc()
-                    setattr(report, outcome, getattr(report, outcome) + 1)
+                    _count_skipped(change, state.position, report)
                 continue
             (upserts if isinstance(change, Document) else deletions).append(change)
 
@@ -130,3 +126,10 @@ class IngestSink:
                 if change.source_ts_ms is not None:
                     report.applied_source_ts_ms.append(change.source_ts_ms)
             report.applied += len(upserts) + len(deletions)
+
+
+def _count_skipped(change: Document | Deletion, newer_or_equal: Position, report: BatchReport) -> None:
+    """A change not applied: a duplicate when it repeats the stored position, else stale."""
+    outcome = "duplicate" if change.position == newer_or_equal else "stale"
+    metrics.EVENTS.labels(change_op(change), outcome).inc()
+    setattr(report, outcome, getattr(report, outcome) + 1)
