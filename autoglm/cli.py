@@ -26,7 +26,7 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     api_port=args.api_port, window_size=args.window_size, window_minutes=args.window_minutes,
                     feedback_max_wait_s=args.feedback_max_wait, mlflow_uri=args.mlflow_uri,
                     gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
-                    promote_champion=args.promote_champion,
+                    promote_champion=args.promote_champion, query_runtime=args.query_runtime,
                     cdc_topics=args.cdc_topics,
                     mapping_file=Path(args.mapping) if args.mapping else None)
 
@@ -47,6 +47,8 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-dataset", help="BEIR folder whose train dev split gates every candidate model")
     parser.add_argument("--promote-champion", action="store_true",
                         help="let the trainer move the champion alias itself (demo; normally a person does)")
+    parser.add_argument("--query-runtime", choices=("onnx", "torch"), default=defaults.query_runtime,
+                        help="runtime that encodes queries while serving (default %(default)s)")
     parser.add_argument("--group-id", default=defaults.group_id,
                         help="consumer group of the ingest workers (one per index; default %(default)s)")
 
@@ -108,6 +110,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                "--cdc-topics", args.cdc_topics, "--group-id", args.group_id,
                "--window-size", str(args.window_size), "--window-minutes", str(args.window_minutes),
                "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
+    command += ["--query-runtime", args.query_runtime]
     command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []
     command += ["--promote-champion"] if args.promote_champion else []
     command += ["--mapping", args.mapping] if args.mapping else []

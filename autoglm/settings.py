@@ -46,6 +46,9 @@ class Settings:
     mlflow_uri: str | None = None
     gate_dataset: Path | None = None
     promote_champion: bool = False
+    # How queries are encoded while serving: "onnx" (ONNX Runtime, checked against torch at
+    # load; about 2.5x faster for one query on 2 cores) or "torch".
+    query_runtime: str = "onnx"
     rrf_k: int = 60
     fusion_weights: FusionWeights = field(default_factory=FusionWeights)
     fusion_candidates: int = 100

@@ -59,6 +59,15 @@ class BrokerProbe:
         return self._error
 
 
+def serving_encoder(settings: Settings, encoder):
+    """The query encoder as it serves: compiled to ONNX Runtime unless the settings say torch."""
+    if settings.query_runtime == "torch":
+        return encoder
+    from autoglm.onnx_encoder import OnnxQueryEncoder
+
+    return OnnxQueryEncoder(encoder)
+
+
 def start_trainer(settings: Settings, index, examples, registry, served):
     """The trainer consumer, in a thread of this process: it reads the index's document vectors."""
     from autoglm.datasets import document_id
@@ -68,7 +77,7 @@ def start_trainer(settings: Settings, index, examples, registry, served):
     if settings.gate_dataset:
         gate = GateSet.dev_split(settings.gate_dataset, lambda cid: document_id(settings.gate_dataset, cid))
     trainer = Trainer(index, examples, registry, settings.data_dir / "feedback" / "replay.json", gate,
-                      TrainerConfig(promote_champion=settings.promote_champion), on_new_champion=served.swap)
+                      TrainerConfig(promote_champion=settings.promote_champion), on_new_champion=lambda encoder: served.swap(serving_encoder(settings, encoder)))
     return TrainingConsumer(settings.broker, trainer, group_id=f"{settings.group_id}-trainer").start()
 
 
@@ -99,7 +108,7 @@ def run_worker(settings: Settings) -> None:
     champion = registry.version_for(CHAMPION) if registry else None
     # The query side has its own encoder: queries never wait behind a document batch, and
     # fine-tuned versions (query side only) swap in without touching document vectors.
-    served = ServedModel(registry.load_encoder(champion) if champion else Encoder())
+    served = ServedModel(serving_encoder(settings, registry.load_encoder(champion) if champion else Encoder()))
 
     app = create_faust_app(settings.group_id, settings)
     processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
