@@ -5,10 +5,13 @@ index already stores, so a promoted model needs no re-indexing: its query vector
 to land near those exact document vectors.
 
 Each step embeds a batch of queries with the copy being trained and scores every query by
-temperature-scaled cosine against the batch's candidates: the positives of all items plus each
-item's hard negatives (documents the user saw above the click and passed over). The loss is
-cross-entropy towards the item's own positive, weighted by inverse propensity so that clicks at
-rarely examined ranks count for what they reveal. A small share of every batch replays older
+temperature-scaled cosine against one fixed set of frozen candidates: every document the run's
+examples name (so the other items' positives, in-batch, and the hard negatives a user saw above
+the click and passed over) plus a sample of the whole corpus. Corpus negatives matter: against
+only a few dozen candidates a query learns to beat those, while search ranks it against every
+document (../shared/notes/learning.md). The loss is cross-entropy towards the item's own
+positive, with the query's other clicked documents masked out, weighted by inverse propensity
+so that clicks at rarely examined ranks count for what they reveal. A small share of every batch replays older
 examples, so earlier lessons are rehearsed instead of overwritten by the latest window.
 """
 
@@ -40,6 +43,7 @@ class TrainConfig:
     batch_size: int = 32
     epochs: int = 1
     temperature: float = 0.05
+    corpus_negatives: int = 8192  # documents sampled from the index as extra negatives (0: none)
     replay_ratio: float = 0.05  # share of batch items drawn from older examples
     warmup_share: float = 0.1  # of the planned steps: linear warm-up, then a constant rate
     max_seconds: float = 900.0  # the run stops before a step that would end past this
@@ -73,20 +77,23 @@ class _Batch:
 
 
 def fine_tune(encoder: Encoder, examples: list[TrainingExample], replay: list[TrainingExample],
-              doc_vectors: DocVectors, config: TrainConfig = TrainConfig(), progress: bool = True) -> TrainResult:
+              doc_vectors: DocVectors, config: TrainConfig = TrainConfig(), progress: bool = True,
+              corpus: dict[str, np.ndarray] | None = None) -> TrainResult:
     """Train a deep copy of ``encoder.model`` on a window of ``examples``; ``encoder`` is not touched.
 
     The tokenizer is copied too: a fast tokenizer shared with a thread that serves queries can
     fail with "Already borrowed".
 
     Examples whose positive has no stored vector (deleted or not yet indexed) are skipped, and
-    so are such hard negatives. The same seed and inputs give the same batches and weights.
+    so are such hard negatives. ``corpus`` (e.g. ``Index.sample_vectors``) adds negatives.
+    The same seed and inputs give the same batches and weights.
     """
     started = time.monotonic()
     vectors = _unit_vectors(examples + replay, doc_vectors)
     window = [e for e in examples if e.positive_id in vectors]
     older = [e for e in replay if e.positive_id in vectors]
     batches = _plan_batches(window, older, config, np.random.default_rng(config.seed))
+    candidates = _Candidates.build(window + older, vectors, corpus or {})
 
     model = copy.deepcopy(encoder.model).train()
     tokenize = functools.partial(copy.deepcopy(encoder.tokenizer), padding=True, truncation=True,
@@ -104,7 +111,7 @@ def fine_tune(encoder: Encoder, examples: list[TrainingExample], replay: list[Tr
                 stopped_early = True
                 break
             step_started = time.monotonic()
-            loss = _batch_loss(model, tokenize, batch.items, vectors, config.temperature)
+            loss = _batch_loss(model, tokenize, batch.items, candidates, config.temperature)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -123,8 +130,45 @@ def fine_tune(encoder: Encoder, examples: list[TrainingExample], replay: list[Tr
 def _unit_vectors(examples: list[TrainingExample], doc_vectors: DocVectors) -> dict[str, np.ndarray]:
     """The stored vectors of every document the examples name, normalised so dot product = cosine."""
     ids = list(dict.fromkeys(doc_id for e in examples for doc_id in (e.positive_id, *e.negative_ids)))
-    found = doc_vectors(ids) if ids else {}
-    return {doc_id: (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32) for doc_id, v in found.items()}
+    return _normalised(doc_vectors(ids) if ids else {})
+
+
+def _normalised(vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {doc_id: (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32) for doc_id, v in vectors.items()}
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The frozen documents every query is scored against, and which of them answer which query."""
+
+    ids: list[str]
+    matrix: torch.Tensor  # one unit vector per id, in order
+    column: dict[str, int]
+    clicked: dict[str, set[int]]  # normalised query text -> columns of every positive clicked for it
+
+    @classmethod
+    def build(cls, examples: list[TrainingExample], vectors: dict[str, np.ndarray],
+              corpus: dict[str, np.ndarray]) -> "_Candidates":
+        pool = {**_normalised(corpus), **vectors}
+        ids = list(pool)
+        column = {doc_id: j for j, doc_id in enumerate(ids)}
+        clicked: dict[str, set[int]] = {}
+        for e in examples:
+            clicked.setdefault(_query_key(e), set()).add(column[e.positive_id])
+        matrix = torch.from_numpy(np.stack([pool[doc_id] for doc_id in ids])) if ids else torch.zeros(0)
+        return cls(ids, matrix, column, clicked)
+
+    def other_positives(self, items: list[TrainingExample]) -> torch.Tensor:
+        """Mask[i, j]: candidate j is another click on item i's query, so not a negative for it.
+
+        Two searches with the same text can each click a different relevant document; each
+        document must not be pushed away from the query that the other one answers.
+        """
+        mask = torch.zeros(len(items), len(self.ids), dtype=torch.bool)
+        for i, item in enumerate(items):
+            others = self.clicked[_query_key(item)] - {self.column[item.positive_id]}
+            mask[i, list(others)] = True
+        return mask
 
 
 def _plan_batches(window: list[TrainingExample], replay: list[TrainingExample], config: TrainConfig,
@@ -150,15 +194,11 @@ def _plan_batches(window: list[TrainingExample], replay: list[TrainingExample], 
 
 
 def _batch_loss(model: torch.nn.Module, tokenize: Tokenize, items: list[TrainingExample],
-                vectors: dict[str, np.ndarray], temperature: float) -> torch.Tensor:
-    """Weighted cross-entropy of each query against the batch's frozen candidate documents."""
-    candidates = list(dict.fromkeys([e.positive_id for e in items]
-                                    + [n for e in items for n in e.negative_ids if n in vectors]))
-    column = {doc_id: j for j, doc_id in enumerate(candidates)}
-    documents = torch.from_numpy(np.stack([vectors[doc_id] for doc_id in candidates]))
-    logits = _embed(model, tokenize, [e.query for e in items]) @ documents.T / temperature
-    logits = logits.masked_fill(_other_positives(items, column), float("-inf"))
-    targets = torch.tensor([column[e.positive_id] for e in items])
+                candidates: _Candidates, temperature: float) -> torch.Tensor:
+    """Weighted cross-entropy of each query against every frozen candidate document."""
+    logits = _embed(model, tokenize, [e.query for e in items]) @ candidates.matrix.T / temperature
+    logits = logits.masked_fill(candidates.other_positives(items), float("-inf"))
+    targets = torch.tensor([candidates.column[e.positive_id] for e in items])
     weights = torch.tensor([e.weight for e in items], dtype=torch.float32)
     weights = weights / weights.mean()
     return (weights * F.cross_entropy(logits, targets, reduction="none")).mean()
@@ -170,19 +210,6 @@ def _embed(model: torch.nn.Module, tokenize: Tokenize, queries: list[str]) -> to
     return mean_pool_normalised(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
-def _other_positives(items: list[TrainingExample], column: dict[str, int]) -> torch.Tensor:
-    """Mask[i, j]: candidate j is another click on item i's query, so not a negative for it.
-
-    Two searches with the same text can each click a different relevant document; each
-    document must not be pushed away from the query that the other one answers.
-    """
-    mask = torch.zeros(len(items), len(column), dtype=torch.bool)
-    for i, item in enumerate(items):
-        for other in items:
-            if other.positive_id != item.positive_id and _same_query(item, other):
-                mask[i, column[other.positive_id]] = True
-    return mask
-
-
-def _same_query(a: TrainingExample, b: TrainingExample) -> bool:
-    return a.query_id == b.query_id or a.query.strip().lower() == b.query.strip().lower()
+def _query_key(example: TrainingExample) -> str:
+    """Searches with the same text are the same query, whatever their query ids."""
+    return example.query.strip().lower()

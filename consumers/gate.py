@@ -1,9 +1,11 @@
 """The promotion gate: a fine-tuned query encoder replaces the champion only if no metric got worse.
 
-Both models are measured the same way, by dense retrieval from the live index (whose document
-vectors are frozen, so only the query encoder differs): on a labelled gate set, on examples
-held out of the training window, and on the gate queries about other topics than the window,
-where a model that over-fits the latest clicks forgets what it knew.
+Both models are measured the same way, on the live index (whose document vectors are frozen,
+so only the query encoder differs): dense and hybrid retrieval on a labelled gate set, dense
+retrieval on examples held out of the training window, and on the gate queries about other
+topics than the window, where a model that over-fits the latest clicks forgets what it knew.
+Hybrid is gated because it is what users search with by default: a query encoder can gain on
+its own and still lose inside the fusion.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Callable, Mapping
 import numpy as np
 
 from autoglm.beir import ndcg_at_k
+from autoglm.settings import FusionWeights
 from feedback.examples import TrainingExample
 from search.protocol import Index
+from search.query import BM25Ranker, DenseRanker, FusedRanker, Ranker
 
 EmbedQueries = Callable[[list[str]], np.ndarray]  # e.g. Encoder.embed
 
@@ -24,6 +28,8 @@ EmbedQueries = Callable[[list[str]], np.ndarray]  # e.g. Encoder.embed
 @dataclass(frozen=True)
 class GateConfig:
     epsilon: float = 0.005  # a candidate may trail the champion by this much (noise), no more
+    fusion_weights: FusionWeights = FusionWeights()  # the hybrid mode as serving runs it
+    rrf_k: int = 60
 
 
 @dataclass(frozen=True)
@@ -33,10 +39,11 @@ class GateDecision:
 
 
 def evaluate(embed_queries: EmbedQueries, index: Index, queries: Mapping[str, str],
-             qrels: Mapping[str, Mapping[str, int]], k: int = 10) -> dict[str, float]:
-    """nDCG@k and MRR@k of dense retrieval over the qrels' queries (those with a text)."""
+             qrels: Mapping[str, Mapping[str, int]], k: int = 10, hybrid: GateConfig | None = None) -> dict[str, float]:
+    """nDCG@k and MRR@k over the qrels' queries (those with a text): dense retrieval, or the
+    hybrid fusion that ``hybrid`` configures."""
     query_ids = [qid for qid in qrels if qid in queries]
-    rankings = _dense_rankings(embed_queries, index, [queries[qid] for qid in query_ids], k)
+    rankings = _rankings(embed_queries, index, [queries[qid] for qid in query_ids], k, hybrid)
     ndcg = [ndcg_at_k(ranked, qrels[qid], k) for qid, ranked in zip(query_ids, rankings)]
     mrr = [_reciprocal_rank(ranked, {d for d, rel in qrels[qid].items() if rel > 0})
            for qid, ranked in zip(query_ids, rankings)]
@@ -54,7 +61,7 @@ def holdout_mrr(embed_queries: EmbedQueries, index: Index, examples: list[Traini
     for example in (*examples, *window):
         chosen.setdefault(example.query.lower(), set()).add(example.positive_id)
     texts = sorted({e.query.lower(): e.query for e in examples}.items())
-    rankings = _dense_rankings(embed_queries, index, [query for _, query in texts], k)
+    rankings = _rankings(embed_queries, index, [query for _, query in texts], k)
     return _mean([_reciprocal_rank(ranked, chosen[key]) for (key, _), ranked in zip(texts, rankings)])
 
 
@@ -87,8 +94,15 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float],
     return GateDecision(passed, reasons)
 
 
-def _dense_rankings(embed_queries: EmbedQueries, index: Index, texts: list[str], k: int) -> list[list[str]]:
-    return [[hit.id for hit in index.search_vector(vector, k)] for vector in embed_queries(texts)]
+def _rankings(embed_queries: EmbedQueries, index: Index, texts: list[str], k: int,
+              hybrid: GateConfig | None = None) -> list[list[str]]:
+    """Ranked ids per text, from the same rankers serving composes; queries embedded in one batch."""
+    vectors = dict(zip(texts, embed_queries(texts))) if texts else {}
+    ranker: Ranker = DenseRanker(index, vectors.__getitem__)
+    if hybrid:
+        ranker = FusedRanker([BM25Ranker(index), ranker], [hybrid.fusion_weights.bm25, hybrid.fusion_weights.dense],
+                             hybrid.rrf_k)
+    return [[hit.id for hit in ranker.rank(text, k)] for text in texts]
 
 
 def _reciprocal_rank(ranked: list[str], relevant: set[str]) -> float:

@@ -106,7 +106,9 @@ class Trainer:
         # Enough replayed items for replay_ratio of every batch, drawn from the reservoir.
         replay_size = int(len(fit) * self.config.train.epochs * self.config.train.replay_ratio) + 1
         replay = self.replay.sample(replay_size, np.random.default_rng(self.config.train.seed + len(windows)))
-        result = fine_tune(champion, fit, replay, self.index.vectors, self.config.train)
+        corpus = self.index.sample_vectors(self.config.train.corpus_negatives, seed=max(windows)) \
+            if self.config.train.corpus_negatives else {}
+        result = fine_tune(champion, fit, replay, self.index.vectors, self.config.train, corpus=corpus)
         candidate = Encoder(state_dict=result.state_dict, version="candidate")
         candidate_metrics = self._score(candidate, held_out, examples)
         champion_metrics = self._score(champion, held_out, examples)
@@ -153,6 +155,8 @@ class Trainer:
         if self.gate_set:
             gate = evaluate(encoder.embed, self.index, self.gate_set.queries, self.gate_set.qrels)
             scores["gate.ndcg@10"], scores["gate.mrr@10"] = gate["ndcg@10"], gate["mrr@10"]
+            scores["gate.hybrid.ndcg@10"] = evaluate(encoder.embed, self.index, self.gate_set.queries,
+                                                     self.gate_set.qrels, hybrid=self.config.gate)["ndcg@10"]
             outside = forgetting_subset(self.gate_set.qrels, window)
             if outside:
                 scores["forgetting.ndcg@10"] = evaluate(encoder.embed, self.index, self.gate_set.queries,

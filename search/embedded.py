@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import onnxruntime  # noqa: F401  # before usearch: the other order crashes (see tests/test_onnx_encoder.py)
 import tantivy
 from usearch.index import Index as VectorIndex
 
@@ -208,6 +209,17 @@ class EmbeddedIndex:
         with self._lock:
             keys = self._vector_keys(ids, live_only=True)
             return {doc_id: np.asarray(self._vectors.get(key), dtype=np.float32) for doc_id, key in keys.items()}
+
+    def sample_vectors(self, limit: int, seed: int = 0) -> dict[str, np.ndarray]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, vector_key FROM documents WHERE deleted = 0 ORDER BY id").fetchall()
+            if len(rows) > limit:
+                rows = [rows[i] for i in sorted(np.random.default_rng(seed).choice(len(rows), limit, replace=False))]
+            if not rows:
+                return {}
+            vectors = np.asarray(self._vectors.get(np.array([key for _, key in rows], dtype=np.uint64)),
+                                 dtype=np.float32)
+            return {doc_id: vector for (doc_id, _), vector in zip(rows, vectors)}
 
     def search_text(self, query: str, k: int) -> list[Hit]:
         words = plain_text_query(query)

@@ -102,6 +102,10 @@ class Index(Protocol):
     def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Stored vectors of live documents (the trainer's frozen document side)."""
 
+    def sample_vectors(self, limit: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Vectors of ``limit`` live documents drawn at random (all of them when fewer exist);
+        the same seed and contents give the same sample. The trainer's corpus-wide negatives."""
+
     def search_text(self, query: str, k: int) -> list[Hit]:
         """BM25 over title and text; the query is plain text (no query syntax)."""
 

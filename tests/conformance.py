@@ -97,6 +97,18 @@ class IndexConformance:
         assert np.allclose(found["public.items:1"], unit_vector(1), atol=1e-6)
         assert index.vectors([]) == {}
 
+    def test_sample_vectors_draws_live_documents_reproducibly(self, index):
+        self.write(index, [Upsert(doc(f"public.items:{n}", f"row {n}"), unit_vector(n)) for n in range(1, 9)])
+        self.write(index, deletions=[Deletion("public.items:8", "public.items", ("lsn", 3))])
+        everything = index.sample_vectors(100)
+        assert sorted(everything) == [f"public.items:{n}" for n in range(1, 8)]
+        assert np.allclose(everything["public.items:3"], unit_vector(3), atol=1e-6)
+        sample = index.sample_vectors(4, seed=1)
+        assert len(sample) == 4 and set(sample) <= set(everything)
+        assert list(index.sample_vectors(4, seed=1)) == list(sample)
+        assert {frozenset(index.sample_vectors(4, seed=s)) for s in range(6)} != {frozenset(sample)}
+        assert all(np.allclose(vector, everything[doc_id]) for doc_id, vector in sample.items())
+
     def test_upsert_after_delete_revives_the_document(self, index):
         self.write(index, [Upsert(doc("public.items:1", "First life"), unit_vector(1))])
         self.write(index, deletions=[Deletion("public.items:1", "public.items", ("lsn", 2))])

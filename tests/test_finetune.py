@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autoglm.encoder import Encoder
-from consumers.finetune import TrainConfig, _other_positives, fine_tune
+from consumers.finetune import TrainConfig, _Candidates, fine_tune
 from consumers.gate import GateConfig, decide, evaluate, forgetting_subset, holdout_mrr
 from consumers.replay import ReplayBuffer
 from feedback.examples import TrainingExample
@@ -88,9 +88,12 @@ def test_a_run_stops_at_max_seconds(problem):
 def test_other_clicks_on_the_same_query_are_not_negatives():
     items = [make_example("q1", "Vitamin D", "a", ["n"]), make_example("q2", "vitamin d ", "b"),
              make_example("q3", "other", "c", ["a"])]
-    mask = _other_positives(items, {"a": 0, "b": 1, "c": 2, "n": 3})
-    assert mask.tolist() == [[False, True, False, False], [True, False, False, False],
-                             [False, False, False, False]]
+    vectors = {doc_id: np.eye(4, dtype=np.float32)[j] for j, doc_id in enumerate("abcn")}
+    candidates = _Candidates.build(items, vectors, corpus={"z": np.ones(4, dtype=np.float32)})
+    assert candidates.ids == ["z", "a", "b", "c", "n"]
+    assert candidates.other_positives(items).tolist() == [[False, False, True, False, False],
+                                                          [False, True, False, False, False],
+                                                          [False, False, False, False, False]]
 
 
 def test_forgetting_subset_keeps_queries_the_window_never_mentions():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +14,8 @@ from autoglm import beir
 from autoglm.encoder import Encoder
 from autoglm.onnx_encoder import CompiledEncoderMismatch, OnnxQueryEncoder, verify_against
 from tests.scifact_problem import SCIFACT
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +64,11 @@ def test_verification_refuses_a_graph_that_does_not_match(base, shifted):
 
 def test_empty_input_gives_no_vectors(base):
     assert OnnxQueryEncoder(base).embed([]).shape == (0, Encoder.dimension)
+
+
+def test_the_index_and_the_compiled_encoder_load_into_one_process():
+    """usearch 2.26 loaded before onnxruntime (1.28 to 1.31) crashes the process at import, in
+    libstdc++'s locale code; search/embedded.py imports onnxruntime first."""
+    script = "import search.embedded, autoglm.onnx_encoder, usearch.index, onnxruntime; print('loaded')"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
