@@ -24,6 +24,7 @@ DEFAULT_API = "http://127.0.0.1:8000"
 def _settings(args: argparse.Namespace, broker: str) -> Settings:
     return Settings(broker=broker, group_id=args.group_id, data_dir=Path(args.data_dir),
                     api_port=args.api_port, window_size=args.window_size, window_minutes=args.window_minutes,
+                    window_min=args.window_min,
                     feedback_max_wait_s=args.feedback_max_wait, mlflow_uri=args.mlflow_uri,
                     gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
                     promote_champion=args.promote_champion, query_runtime=args.query_runtime,
@@ -42,6 +43,8 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="train when this many new examples exist (default %(default)s)")
     parser.add_argument("--window-minutes", type=float, default=defaults.window_minutes,
                         help="... or after this many minutes with a minimum of examples (default %(default)s)")
+    parser.add_argument("--window-min", type=int, default=defaults.window_min,
+                        help="... the minimum of examples for a window closed on time (default %(default)s)")
     parser.add_argument("--feedback-max-wait", type=float, default=defaults.feedback_max_wait_s,
                         help="seconds feedback waits for its impression (default %(default)s)")
     parser.add_argument("--gate-dataset", help="BEIR folder whose train dev split gates every candidate model")
@@ -109,6 +112,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                "--data-dir", args.data_dir, "--api-port", str(args.api_port),
                "--cdc-topics", args.cdc_topics, "--group-id", args.group_id,
                "--window-size", str(args.window_size), "--window-minutes", str(args.window_minutes),
+               "--window-min", str(args.window_min),
                "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
     command += ["--query-runtime", args.query_runtime]
     command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []

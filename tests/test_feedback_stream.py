@@ -11,7 +11,8 @@ import pytest
 
 from autoglm.debezium import change_event, producer
 from autoglm.interactions import Impression, ShownHit
-from autoglm.topics import DEAD_LETTERS, FEEDBACK, IMPRESSIONS, TRAINING, ensure_topics
+from autoglm.broker import EmbeddedBroker
+from autoglm.topics import DEAD_LETTERS, FEEDBACK, IMPRESSIONS, PLATFORM_TOPICS, TRAINING, ensure_topics
 from tests.conftest import WorkerProcess, read_topic, wait_until
 
 WINDOW = 4
@@ -104,3 +105,46 @@ def test_invalid_and_orphan_feedback_go_to_dead_letters(worker, kafka, broker):
     assert (b"bad", IMPRESSIONS, "invalid impression") in reasons
     assert (orphan.encode(), FEEDBACK, "no impression for query_id within 2 s") in reasons
     assert worker.client.get("/healthz").status_code == 200
+
+
+def test_a_window_closes_on_time_once_it_holds_the_minimum(tmp_path):
+    """--window-minutes closes a window that never reaches --window-size, but only with at
+    least --window-min examples in it. A broker of its own: a new consumer group reads the
+    feedback topics from the start, and other tests' clicks would fill this window."""
+    with EmbeddedBroker() as own_broker:
+        ensure_topics(own_broker.address, PLATFORM_TOPICS)
+        kafka = producer(own_broker.address)
+        try:
+            check_time_trigger(own_broker.address, kafka, tmp_path)
+        finally:
+            kafka.flush(10)
+
+
+def check_time_trigger(broker: str, kafka, tmp_path) -> None:
+    running = WorkerProcess(broker, tmp_path / "data", tmp_path / "worker.log",
+                            ["--cdc-topics", r"^cdc\.timed\.", "--window-size", "1000",
+                             "--window-minutes", "0.05", "--window-min", "2"])
+    worker = running.wait_healthy()
+    try:
+        def impression_and_click(user: str) -> None:
+            query_id = str(uuid.uuid4())
+            impression = Impression(query_id=query_id, query=f"timed window {user}", mode="hybrid",
+                                    model_version="base", session_id=user,
+                                    hits=[ShownHit(doc_id="timed.docs:1", position=1, score=1.0)])
+            send(kafka, IMPRESSIONS, query_id, impression.model_dump_json().encode())
+            send(kafka, FEEDBACK, query_id, click(query_id, "timed.docs:1", 1, user))
+
+        def timed_requests(wait: float) -> list:
+            return read_topic(broker, TRAINING, lambda v: v["reason"] == "time", expected=1, timeout=wait)
+
+        impression_and_click("timed-1")
+        wait_until(lambda: examples(worker) == 1, 20, 0.2, "the first example")
+        time.sleep(13)  # past the 3 s window and one 10 s timer tick: one example is below the minimum
+        assert timed_requests(1) == []
+        impression_and_click("timed-2")
+        found = timed_requests(30)
+        assert found, "the window closes on time once it holds two examples"
+        assert found[0][1]["examples"] == 2 and found[0][1]["sessions"] == 2
+        assert worker.metric("autoglm_training_windows_total", reason="time") == 1
+    finally:
+        running.stop()
