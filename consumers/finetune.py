@@ -41,7 +41,7 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 0.01  # AdamW
     batch_size: int = 32
-    epochs: int = 1
+    epochs: int = 2  # tuned on the dev split: 1e-5 x 2 epochs lifts dense nDCG +3.7 over 5 click windows
     temperature: float = 0.05
     corpus_negatives: int = 8192  # documents sampled from the index as extra negatives (0: none)
     replay_ratio: float = 0.05  # share of batch items drawn from older examples
