@@ -28,6 +28,8 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     feedback_max_wait_s=args.feedback_max_wait, mlflow_uri=args.mlflow_uri,
                     gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
                     promote_champion=args.promote_champion, query_runtime=args.query_runtime,
+                    challenger_share=args.challenger_share, alias_poll_s=args.alias_poll,
+                    webhooks=not args.no_webhooks,
                     cdc_topics=args.cdc_topics,
                     mapping_file=Path(args.mapping) if args.mapping else None)
 
@@ -52,6 +54,12 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="let the trainer move the champion alias itself (demo; normally a person does)")
     parser.add_argument("--query-runtime", choices=("onnx", "torch"), default=defaults.query_runtime,
                         help="runtime that encodes queries while serving (default %(default)s)")
+    parser.add_argument("--challenger-share", type=float, default=defaults.challenger_share,
+                        help="share of sessions the challenger version answers (default %(default)s)")
+    parser.add_argument("--alias-poll", type=float, default=defaults.alias_poll_s,
+                        help="seconds between reads of the MLflow aliases (default %(default)s)")
+    parser.add_argument("--no-webhooks", action="store_true",
+                        help="follow the aliases by polling only (no MLflow webhook)")
     parser.add_argument("--group-id", default=defaults.group_id,
                         help="consumer group of the ingest workers (one per index; default %(default)s)")
 
@@ -114,7 +122,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                "--window-size", str(args.window_size), "--window-minutes", str(args.window_minutes),
                "--window-min", str(args.window_min),
                "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
-    command += ["--query-runtime", args.query_runtime]
+    command += ["--query-runtime", args.query_runtime, "--challenger-share", str(args.challenger_share),
+                "--alias-poll", str(args.alias_poll)]
+    command += ["--no-webhooks"] if args.no_webhooks else []
     command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []
     command += ["--promote-champion"] if args.promote_champion else []
     command += ["--mapping", args.mapping] if args.mapping else []
@@ -156,16 +166,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0 if stopping.is_set() else code
 
 
+class ApiError(RuntimeError):
+    pass
+
+
+def _get_json(api: str, path: str) -> dict:
+    try:
+        with urllib.request.urlopen(f"{api}{path}", timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise ApiError(f"{exc.code}: {exc.read().decode()}") from None
+    except urllib.error.URLError as exc:
+        raise ApiError(f"cannot reach {api}: {exc.reason}") from None
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     query = urllib.parse.urlencode({"q": args.text, "k": args.k, "mode": args.mode})
     try:
-        with urllib.request.urlopen(f"{args.api}/search?{query}", timeout=30) as response:
-            result = json.load(response)
-    except urllib.error.HTTPError as exc:
-        print(f"autoglm: {exc.code}: {exc.read().decode()}", file=sys.stderr)
-        return 1
-    except urllib.error.URLError as exc:
-        print(f"autoglm: cannot reach {args.api}: {exc.reason}", file=sys.stderr)
+        result = _get_json(args.api, f"/search?{query}")
+    except ApiError as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2))
@@ -175,6 +195,69 @@ def cmd_search(args: argparse.Namespace) -> int:
     for rank, hit in enumerate(result["hits"], start=1):
         print(f"{rank:>3}  {hit['score']:.4f}  {hit['id']}  {hit['title'][:70]}")
         print(f"{'':>13}{hit['snippet'][:110]}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Versions with aliases and gate metrics, the arms serving now, and per-arm online metrics."""
+    try:
+        overview = _get_json(args.api, "/models")
+    except ApiError as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(overview, indent=2))
+        return 0
+    arms = overview["arms"]
+    print(f"champion: {arms['champion']}   challenger: {arms['challenger'] or '-'} "
+          f"({arms['challenger_share']:.0%} of sessions)   mlflow: {overview['mlflow_uri'] or '-'}")
+    print(f"{'version':>7}  {'aliases':<20} {'gate nDCG@10':>12} {'gate hybrid':>11}  tags")
+    for version in overview["versions"]:
+        metrics, tags = version["metrics"], version["tags"]
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(tags.items()) if k.startswith(("gate", "autoglm.")))
+        print(f"{version['version']:>7}  {','.join(version['aliases']) or '-':<20} "
+              f"{metrics.get('candidate.gate.ndcg_at_10', float('nan')):>12.4f} "
+              f"{metrics.get('candidate.gate.hybrid.ndcg_at_10', float('nan')):>11.4f}  {shown}")
+    if overview["online"]:
+        print(f"\nonline ({overview['online_interval']}):")
+        print(f"{'version':<40} {'arm':<10} {'impr.':>6}  {'CTR@10':<21} {'MRR':<21} {'skip rate':<21}")
+        for row in overview["online"]:
+            cells = [f"{row[m]['value']:.3f} [{row[m]['interval'][0]:.3f}, {row[m]['interval'][1]:.3f}]"
+                     for m in ("ctr@10", "mrr", "skip_rate")]
+            print(f"{row['version']:<40} {row['arm']:<10} {row['impressions']:>6}  " + " ".join(f"{c:<21}" for c in cells))
+    return 0
+
+
+def _registry(args: argparse.Namespace):
+    from registry.models import ModelRegistry
+
+    uri = args.mlflow_uri or _get_json(args.api, "/models")["mlflow_uri"]
+    if not uri:
+        raise ApiError("the API runs without MLflow; pass --mlflow-uri")
+    return ModelRegistry(uri)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Point an alias (champion by default) at a version: what a person does in the MLflow UI."""
+    try:
+        registry = _registry(args)
+        registry.set_alias(args.alias, args.version)
+    except ApiError as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.alias} -> version {args.version}; serving follows within seconds (webhook) "
+          f"or one alias poll")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from registry.rollback import roll_back
+
+    try:
+        print(roll_back(_registry(args), reason=f"manual: {args.reason}"))
+    except (ApiError, LookupError) as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -253,6 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the raw JSON answer")
     search.add_argument("--api", default=os.environ.get("AUTOGLM_API", DEFAULT_API))
     search.set_defaults(func=cmd_search)
+    models = sub.add_parser("models", help="versions, aliases, gate and online metrics")
+    models.add_argument("--json", action="store_true")
+    models.add_argument("--api", default=os.environ.get("AUTOGLM_API", DEFAULT_API))
+    models.set_defaults(func=cmd_models)
+    promote = sub.add_parser("promote", help="move the champion (or another) alias to a version")
+    promote.add_argument("version")
+    promote.add_argument("--alias", default="champion", choices=["champion", "challenger"])
+    rollback = sub.add_parser("rollback", help="remove the challenger, or else restore the previous champion")
+    rollback.add_argument("--reason", default="requested from the command line")
+    for command, handler in ((promote, cmd_promote), (rollback, cmd_rollback)):
+        command.add_argument("--api", default=os.environ.get("AUTOGLM_API", DEFAULT_API),
+                             help="the API whose MLflow server to use (see /models)")
+        command.add_argument("--mlflow-uri", help="MLflow tracking URI (default: the API's)")
+        command.set_defaults(func=handler)
+
     load = sub.add_parser("load-dataset", help="publish a BEIR corpus as Debezium snapshot events")
     load.add_argument("--dataset", required=True, help="BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/)")
     load.add_argument("--broker", required=True)

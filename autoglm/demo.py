@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -36,8 +36,10 @@ class Round:
     dense_ndcg: float
     hybrid_ndcg: float
     searches: int
-    training_seconds: float | None  # mean training time so far
-    trigger_to_version_seconds: float | None  # mean, from a window's request to its registered version
+    outcome: str  # of this round's training: registered, rejected (or "-" for the base row)
+    training_seconds: float | None  # this round's training, start to decision
+    trigger_to_version_seconds: float | None  # this round's window request -> registered version
+    totals: dict[str, float] = field(default_factory=dict, repr=False)  # cumulative counters, for deltas
 
 
 @dataclass
@@ -116,10 +118,11 @@ def run_demo(dataset: Path, data_dir: Path, rounds: int, window: int, docs: int 
         queries, qrels = judged_set(dataset, published, "dev")
         test = judged_set(dataset, published, "test") if report_test else None
         base_test = _test_scores(client, *test) if test else None
-        results = [_measure(client, queries, qrels, 0, 0)]
+        results = [_measure(client, queries, qrels, 0, 0, None)]
         print(_table(results))
         for number in range(1, rounds + 1):
-            results.append(_round(client, api, dataset, queries, qrels, number, max_searches_per_round))
+            results.append(_round(client, api, dataset, queries, qrels, number, max_searches_per_round,
+                                  results[-1]))
             print(_table(results))
         outcome = DemoResult(results, {"base": base_test, "final": _test_scores(client, *test)} if test else None)
         _save(outcome, out)
@@ -128,29 +131,44 @@ def run_demo(dataset: Path, data_dir: Path, rounds: int, window: int, docs: int 
         up.stop()
 
 
-def _round(client, api, dataset, queries, qrels, number, max_searches) -> Round:
-    """Simulate users until one training finishes, then measure what serves."""
-    trainings = lambda: sample_value(client.get("/metrics").text, "autoglm_trainings_total")  # noqa: E731
-    before, searches = trainings(), 0
-    while trainings() == before and searches < max_searches:
+def _round(client, api, dataset, queries, qrels, number, max_searches, previous: Round) -> Round:
+    """Simulate users until a window closes, then wait for its training and measure what serves.
+
+    The simulated users pause while the model trains: they search as fast as the API answers,
+    a load no real audience puts on 2 cores, and trigger -> version would measure that load.
+    """
+    def counter(name: str) -> float:
+        return sample_value(client.get("/metrics").text, name)
+
+    windows, trainings, searches = counter("autoglm_training_windows_total"), counter("autoglm_trainings_total"), 0
+    while counter("autoglm_training_windows_total") == windows and searches < max_searches:
         simulate(api, dataset, searches=100, seed=number * 100_000 + searches, progress=False)
         searches += 100
-    while trainings() == before:
+    while counter("autoglm_trainings_total") == trainings:
         time.sleep(2)
-    return _measure(client, queries, qrels, number, searches)
+    return _measure(client, queries, qrels, number, searches, previous)
 
 
-def _measure(client, queries, qrels, number, searches) -> Round:
+def _measure(client, queries, qrels, number, searches, previous: Round | None) -> Round:
+    """Scores of what serves now, and this round's training from the worker's counters (the
+    difference of each histogram's sum and count since the previous round)."""
     dense, version = evaluate(client, queries, qrels, "dense")
     hybrid, _ = evaluate(client, queries, qrels, "hybrid")
     metrics = client.get("/metrics").text
+    names = [f"{h}_{part}" for h in ("autoglm_training_seconds", "autoglm_trigger_to_version_seconds")
+             for part in ("sum", "count")]
+    totals = {name: sample_value(metrics, name) for name in names}
+    totals["registered"] = sample_value(metrics, "autoglm_trainings_total", outcome="registered")
+    before = previous.totals if previous else {name: 0.0 for name in totals}
 
-    def mean(name: str) -> float | None:
-        count = sample_value(metrics, f"{name}_count")
-        return sample_value(metrics, f"{name}_sum") / count if count else None
+    def mean_since(histogram: str) -> float | None:
+        count = totals[f"{histogram}_count"] - before[f"{histogram}_count"]
+        return (totals[f"{histogram}_sum"] - before[f"{histogram}_sum"]) / count if count else None
 
-    return Round(number, version, dense, hybrid, searches, mean("autoglm_training_seconds"),
-                 mean("autoglm_trigger_to_version_seconds"))
+    outcome = "-" if previous is None else (
+        "registered" if totals["registered"] > before["registered"] else "rejected")
+    return Round(number, version, dense, hybrid, searches, outcome, mean_since("autoglm_training_seconds"),
+                 mean_since("autoglm_trigger_to_version_seconds"), totals)
 
 
 def _test_scores(client, queries, qrels) -> dict[str, float]:
@@ -162,9 +180,9 @@ def _table(results: list[Round]) -> str:
         return f"{value:.0f}" if value is not None else "-"
 
     lines = ["round  model                                   dense nDCG@10  hybrid nDCG@10  searches  "
-             "trigger->version s",
+             "training    trigger->version s",
              *(f"{r.round:>5}  {r.model_version:<38}  {r.dense_ndcg:>13.4f}  {r.hybrid_ndcg:>14.4f}  "
-               f"{r.searches:>8}  {seconds(r.trigger_to_version_seconds):>18}" for r in results)]
+               f"{r.searches:>8}  {r.outcome:<10}  {seconds(r.trigger_to_version_seconds):>18}" for r in results)]
     return "\n".join(lines)
 
 

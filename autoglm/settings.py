@@ -49,6 +49,16 @@ class Settings:
     # How queries are encoded while serving: "onnx" (ONNX Runtime, checked against torch at
     # load; about 2.5x faster for one query on 2 cores) or "torch".
     query_runtime: str = "onnx"
+    # Serving follows the MLflow aliases (issue 4): the challenger answers this share of
+    # sessions; aliases are read every alias_poll_s, and at once on a webhook when enabled.
+    challenger_share: float = 0.05
+    alias_poll_s: float = 30.0
+    webhooks: bool = True
+    # Automatic rollback: the challenger alias is removed once its CTR@10 is worse than the
+    # champion's by anytime-valid bounds at this error rate (feedback/online.py).
+    auto_rollback: bool = True
+    rollback_alpha: float = 0.05
+    rollback_min_impressions: int = 50
     rrf_k: int = 60
     fusion_weights: FusionWeights = field(default_factory=FusionWeights)
     fusion_candidates: int = 100

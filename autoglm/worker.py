@@ -68,7 +68,47 @@ def serving_encoder(settings: Settings, encoder):
     return OnnxQueryEncoder(encoder)
 
 
-def start_trainer(settings: Settings, index, examples, registry, served):
+def start_serving(settings: Settings, registry):
+    """The arms that answer queries, and (with a registry) the follower that keeps them on the
+    versions the MLflow aliases name. Without a registry the base model serves alone."""
+    from autoglm.encoder import Encoder
+    from registry.follower import AliasFollower
+    from search.serving import ServedModels
+
+    if registry is None:
+        return ServedModels(serving_encoder(settings, Encoder())), None
+    base = serving_encoder(settings, Encoder())
+    models = ServedModels(base, challenger_share=settings.challenger_share)
+
+    def load(version: str | None):
+        return serving_encoder(settings, registry.load_encoder(version) if version else Encoder())
+
+    follower = AliasFollower(registry, models, load, base.version, poll_seconds=settings.alias_poll_s)
+    follower.sync()  # the champion (and challenger) serve from the first request on
+    return models, follower.start()
+
+
+def register_alias_hook(settings: Settings, follower):
+    """Ask MLflow to call /hooks/mlflow when an alias moves; returns (hook, webhook id), or
+    (None, None) when webhooks are off or the server refuses (polling still follows)."""
+    from registry import webhooks
+    from search.api import AliasHook
+
+    if not (settings.webhooks and follower):
+        return None, None
+    secret = webhooks.webhook_secret(settings.data_dir / "mlflow-webhook.secret")
+    url = f"http://{settings.api_host}:{settings.api_port}/hooks/mlflow"
+    try:
+        webhook_id = webhooks.register_receiver(settings.mlflow_uri, webhooks.receiver_name(settings.data_dir),
+                                                url, secret)
+    except Exception as exc:
+        log.warning("could not register the MLflow webhook (%s); following aliases by polling every %.0f s",
+                    exc, settings.alias_poll_s)
+        return None, None
+    return AliasHook(secret, follower.wake), webhook_id
+
+
+def start_trainer(settings: Settings, index, examples, registry, follower):
     """The trainer consumer, in a thread of this process: it reads the index's document vectors."""
     from autoglm.datasets import document_id
     from consumers.gate import GateConfig
@@ -79,7 +119,7 @@ def start_trainer(settings: Settings, index, examples, registry, served):
         gate = GateSet.dev_split(settings.gate_dataset, lambda cid: document_id(settings.gate_dataset, cid))
     trainer = Trainer(index, examples, registry, settings.data_dir / "feedback" / "replay.json", gate,
                       TrainerConfig(gate=GateConfig(fusion_weights=settings.fusion_weights, rrf_k=settings.rrf_k),
-                                    promote_champion=settings.promote_champion), on_new_champion=lambda encoder: served.swap(serving_encoder(settings, encoder)))
+                                    promote_champion=settings.promote_champion), on_new_champion=follower.sync)
     return TrainingConsumer(settings.broker, trainer, group_id=f"{settings.group_id}-trainer").start()
 
 
@@ -90,12 +130,15 @@ def run_worker(settings: Settings) -> None:
 
     from autoglm.encoder import Encoder
     from autoglm.publisher import EventPublisher
+    from registry.overview import models_overview
+    from registry.rollback import CanaryGuard
+    from registry.webhooks import unregister_receiver
     from search.api import create_app
     from search.embedded import EmbeddedIndex
-    from search.query import SearchService, ServedModel
+    from search.query import SearchService
     from streams.cdc import CdcProcessor
     from feedback.store import ExampleStore
-    from registry.models import CHAMPION, ModelRegistry
+    from registry.models import ModelRegistry
     from streams.faust_app import create_faust_app
     from streams.feedback import FeedbackProcessor
     from streams.ingest import IngestSink
@@ -107,16 +150,20 @@ def run_worker(settings: Settings) -> None:
     index = EmbeddedIndex(settings.index_dir)
     document_encoder = Encoder()
     registry = ModelRegistry(settings.mlflow_uri) if settings.mlflow_uri else None
-    champion = registry.version_for(CHAMPION) if registry else None
-    # The query side has its own encoder: queries never wait behind a document batch, and
+    # The query side has its own encoders: queries never wait behind a document batch, and
     # fine-tuned versions (query side only) swap in without touching document vectors.
-    served = ServedModel(serving_encoder(settings, registry.load_encoder(champion) if champion else Encoder()))
+    models, follower = start_serving(settings, registry)
+    alias_hook, webhook_id = register_alias_hook(settings, follower)
 
     app = create_faust_app(settings.group_id, settings)
     processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
     examples = ExampleStore(settings.data_dir / "feedback" / "examples.db")
-    FeedbackProcessor(app, settings, examples)
-    training = start_trainer(settings, index, examples, registry, served) if registry else None
+    feedback = FeedbackProcessor(app, settings, examples)
+    guard = None
+    if follower and settings.auto_rollback:
+        guard = CanaryGuard(registry, models, feedback.online, follower.wake, settings.rollback_alpha,
+                            settings.rollback_min_impressions).start()
+    training = start_trainer(settings, index, examples, registry, follower) if registry else None
     assigned = threading.Event()
 
     @app.on_partitions_assigned.connect
@@ -140,9 +187,12 @@ def run_worker(settings: Settings) -> None:
             index_down = f"index unavailable: {exc}"
         return {"broker": broker_probe(), "worker": worker_down, "index": index_down}
 
-    service = SearchService(index, served, settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
+    def overview() -> dict:
+        return models_overview(registry, models, feedback.online, settings.rollback_alpha)
+
+    service = SearchService(index, models, settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
     publisher = EventPublisher(settings.broker)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, health, publisher), host=settings.api_host,
+    server = uvicorn.Server(uvicorn.Config(create_app(service, health, publisher, alias_hook, overview), host=settings.api_host,
                                            port=settings.api_port, log_level="warning",
                                            lifespan="off"))
     api_thread = threading.Thread(target=server.run, name="search-api", daemon=True)
@@ -156,6 +206,15 @@ def run_worker(settings: Settings) -> None:
         api_thread.join(timeout=5)
         if training:
             training.stop()
+        if guard:
+            guard.stop()
+        if follower:
+            follower.stop()
+        if webhook_id:
+            try:
+                unregister_receiver(settings.mlflow_uri, webhook_id)
+            except Exception as exc:  # the server may already be gone; the next start replaces it
+                log.warning("could not remove the MLflow webhook %s: %s", webhook_id, exc)
         publisher.close()
         index.close()
         examples.close()

@@ -64,7 +64,8 @@ from autoglm.settings import FusionWeights, Settings  # noqa: E402
 from autoglm.topics import ensure_topics  # noqa: E402
 from search.embedded import EmbeddedIndex  # noqa: E402
 from search.protocol import Document  # noqa: E402
-from search.query import MODES, SearchService, ServedModel  # noqa: E402
+from search.query import MODES, SearchService  # noqa: E402
+from search.serving import ServedModels  # noqa: E402
 
 SCHEMA, TABLE = "beir", "scifact"
 TOPIC = f"cdc.{SCHEMA}.{TABLE}"
@@ -439,7 +440,7 @@ def sweep_fusion(index_dir: Path, encoder: Encoder, queries: dict[str, str], dev
     It runs after the worker has stopped, because one process owns an index directory. The
     index holds what the API ranked in phase 4, so the default row reproduces the API's hybrid.
     """
-    served = ServedModel(MemoisedEncoder(encoder))
+    served = ServedModels(MemoisedEncoder(encoder))
     defaults = Settings()
     grid = []
     index = EmbeddedIndex(index_dir)

@@ -41,7 +41,7 @@ from search.protocol import Index
 
 log = logging.getLogger(__name__)
 
-TRAININGS = Counter("autoglm_trainings", "Trainings by outcome (registered, rejected, failed)", ["outcome"])
+TRAININGS = Counter("autoglm_trainings", "Trainings by outcome (registered, rejected, failed, skipped)", ["outcome"])
 TRIGGER_TO_VERSION = Histogram("autoglm_trigger_to_version_seconds", "From a window's training request to "
                                "its registered version", buckets=(10, 30, 60, 90, 120, 180, 300, 600, 1200))
 TRAINING_SECONDS = Histogram("autoglm_training_seconds", "From a training's start to its registered or "
@@ -90,15 +90,21 @@ class TrainingOutcome:
 class Trainer:
     def __init__(self, index: Index, store: ExampleStore, registry: ModelRegistry, reservoir_path: Path,
                  gate_set: GateSet | None = None, config: TrainerConfig = TrainerConfig(),
-                 on_new_champion: Callable[[Encoder], None] | None = None):
+                 on_new_champion: Callable[[], None] | None = None):
+        """``on_new_champion``: called after the trainer itself moved the champion alias (demo
+        only), so serving can follow at once instead of at its next alias poll."""
         self.index, self.store, self.registry = index, store, registry
         self.gate_set, self.config, self.on_new_champion = gate_set, config, on_new_champion
         self.reservoir_path = reservoir_path
         self.replay = ReplayBuffer.load(reservoir_path) if reservoir_path.exists() else ReplayBuffer()
 
-    def train(self, windows: list[int]) -> TrainingOutcome:
+    def train(self, windows: list[int]) -> TrainingOutcome | None:
+        """None when this store holds no example of the windows (another worker's request)."""
         started = time.monotonic()
         examples = [example for window in windows for example in self.store.examples_in(window)]
+        if not examples:
+            log.warning("windows %s hold no examples in this store: nothing to train", windows)
+            return None
         fit, held_out = split_holdout(examples, self.config.holdout_share)
         champion_version = self.registry.version_for(CHAMPION)
         champion = self.registry.load_encoder(champion_version) if champion_version else Encoder()
@@ -138,7 +144,7 @@ class Trainer:
             if self.config.promote_champion:
                 self.registry.set_alias(CHAMPION, version)
                 if self.on_new_champion:
-                    self.on_new_champion(self.registry.load_encoder(version))
+                    self.on_new_champion()
         else:
             self.registry.record_rejection(run_id, "; ".join(decision.reasons), metrics)
         outcome = TrainingOutcome(windows, run_id, decision.passed, version, decision.reasons, metrics,
@@ -219,6 +225,9 @@ class TrainingConsumer:
                 log.exception("training on windows %s failed (attempt %d of %d)", windows, attempt, attempts)
                 self._stop.wait(5.0)
                 continue
+            if outcome is None:
+                TRAININGS.labels("skipped").inc()
+                return None
             TRAININGS.labels("registered" if outcome.passed else "rejected").inc()
             TRAINING_SECONDS.observe(outcome.seconds)
             self.outcomes.append(outcome)

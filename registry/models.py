@@ -28,10 +28,9 @@ from mlflow.exceptions import MlflowException
 
 from autoglm.encoder import Encoder
 from registry.pyfunc_model import STATE_DICT_PATH, save_encoder_model
+from search.serving import CHALLENGER, CHAMPION  # noqa: F401  # the aliases are named after the serving arms
 
 MODEL_NAME = "autoglm-query-encoder"
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 
 EXPERIMENT_NAME = "autoglm-training"
 LOSS_METRIC = "train_loss"
@@ -39,6 +38,8 @@ LINEAGE_PREFIX = "lineage."
 EXTRAS_DIR = "extras"
 DECISION_TAG = "autoglm.decision"  # on the run: "registered" or "rejected"
 REJECTION_REASON_TAG = "autoglm.rejection_reason"
+PREVIOUS_CHAMPION_TAG = "autoglm.previous_champion"  # on a version: the champion it replaced
+ROLLBACK_TAG = "autoglm.rollback"  # on a version: why it was taken out of serving
 
 
 class ModelNotFound(LookupError):
@@ -146,6 +147,12 @@ class ModelRegistry:
     def delete_alias(self, alias: str) -> None:
         self.client.delete_registered_model_alias(MODEL_NAME, alias)
 
+    def tag_version(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(MODEL_NAME, str(version), key, value)
+
+    def version_tags(self, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(MODEL_NAME, str(version)).tags)
+
     def version_for(self, alias: str) -> str | None:
         """The version ``alias`` points at; None when the alias (or the model) does not exist."""
         try:
@@ -192,7 +199,7 @@ class ModelRegistry:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/{STATE_DICT_PATH}",
                                                        dst_path=scratch, tracking_uri=self.tracking_uri)
             state_dict = torch.load(path, weights_only=True)
-        return Encoder(state_dict=state_dict, version=f"models:/{MODEL_NAME}/{version}")
+        return Encoder(state_dict=state_dict, version=version_uri(version))
 
     def download_artifact(self, version: str, name: str, dst_dir: Path | None = None) -> Path:
         """A copy of the extra artifact ``name`` logged with ``version``'s training, in ``dst_dir``
@@ -209,6 +216,11 @@ class ModelRegistry:
         if version is None:
             raise ModelNotFound(f"no version of {MODEL_NAME} has the alias {alias_or_version!r}")
         return version
+
+
+def version_uri(version: str) -> str:
+    """How a served version names itself in answers and impressions: ``models:/<name>/<version>``."""
+    return f"models:/{MODEL_NAME}/{version}"
 
 
 def mlflow_key(name: str) -> str:

@@ -97,6 +97,9 @@ class MlflowServer:
             "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhook_secret_key(self.root / "webhook.key"),
             "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
             "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            # Each server worker caches the webhook list (60 s by default): a receiver that
+            # registers after an alias event would miss deliveries for that long.
+            "MLFLOW_WEBHOOK_CACHE_TTL": "2",
         }
         command = [sys.executable, "-m", "mlflow", "server",
                    "--backend-store-uri", f"sqlite:///{self.db_path}",

@@ -1,4 +1,5 @@
-"""The search HTTP API (FastAPI): /search, /feedback, /documents/{id}, /healthz, /metrics.
+"""The search HTTP API (FastAPI): /search, /feedback, /documents/{id}, /models, /healthz, /metrics,
+and the receiver of MLflow's alias webhooks (/hooks/mlflow).
 
 Every /search answer is published as an impression; /feedback validates user actions and
 publishes them. Both go to Kafka keyed by query_id, so the stream processors can join them.
@@ -6,6 +7,7 @@ publishes them. Both go to Kafka keyed by query_id, so the stream processors can
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
@@ -17,12 +19,22 @@ from pydantic import ValidationError
 from autoglm import topics
 from autoglm.interactions import Feedback, Impression, ShownHit
 from autoglm.publisher import EventPublisher
+from registry import webhooks
 from search.query import SearchService, snippet
 
 HealthProbe = Callable[[], dict[str, str | None]]  # component -> None when up, else why it is down
 
 
-def create_app(service: SearchService, health: HealthProbe, publisher: EventPublisher) -> FastAPI:
+@dataclass(frozen=True)
+class AliasHook:
+    """Where verified alias webhooks go: the secret MLflow signs with, and what to call."""
+
+    secret: str
+    on_alias_moved: Callable[[], None]
+
+
+def create_app(service: SearchService, health: HealthProbe, publisher: EventPublisher,
+               alias_hook: AliasHook | None = None, models_overview: Callable[[], dict] | None = None) -> FastAPI:
     app = FastAPI(title="Open-AutoGLM search", version="0.1.0")
 
     @app.exception_handler(RequestValidationError)
@@ -41,16 +53,18 @@ def create_app(service: SearchService, health: HealthProbe, publisher: EventPubl
         if not q.strip():
             raise RequestValidationError([{"loc": ("query", "q"), "msg": "must not be blank",
                                            "type": "value_error"}])
-        result = service.search(q, k=k, mode=mode)
+        session_id = x_session_id or session
+        result = service.search(q, k=k, mode=mode, session_id=session_id)
         if log:
             publisher.publish(topics.IMPRESSIONS, result.query_id, Impression(
                 query_id=result.query_id, query=q, mode=mode, model_version=result.model_version,
-                session_id=x_session_id or session,
+                arm=result.arm, session_id=session_id,
                 hits=[ShownHit(doc_id=hit.id, position=rank, score=hit.score)
                       for rank, (hit, _) in enumerate(result.hits, start=1)]))
         return {
             "query_id": result.query_id,
             "model_version": result.model_version,
+            "arm": result.arm,
             "mode": result.mode,
             "hits": [{"id": hit.id, "score": hit.score, "title": doc.title,
                       "snippet": snippet(doc.text, q), "metadata": doc.metadata,
@@ -96,6 +110,24 @@ def create_app(service: SearchService, health: HealthProbe, publisher: EventPubl
         body = {"status": "down" if down else "ok",
                 "components": {name: (why or "up") for name, why in status.items()}}
         return JSONResponse(status_code=503 if down else 200, content=body)
+
+    @app.get("/models")
+    def models() -> dict:
+        """Versions, aliases, the arms serving now, gate metrics and per-arm online metrics."""
+        if models_overview is None:
+            raise HTTPException(status_code=404, detail="no model overview in this server")
+        return models_overview()
+
+    @app.post("/hooks/mlflow")
+    async def mlflow_webhook(request: Request) -> JSONResponse:
+        """An alias moved in MLflow: verify the signature, then let serving sync at once."""
+        if alias_hook is None:
+            return JSONResponse(status_code=404, content={"error": "no MLflow webhook is configured"})
+        reason = webhooks.rejection(alias_hook.secret, request.headers, await request.body())
+        if reason:
+            return JSONResponse(status_code=401, content={"error": f"webhook refused: {reason}"})
+        alias_hook.on_alias_moved()
+        return JSONResponse(status_code=200, content={"status": "syncing"})
 
     @app.get("/metrics")
     def prometheus_metrics() -> PlainTextResponse:

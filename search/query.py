@@ -17,6 +17,7 @@ from autoglm import metrics
 from autoglm.settings import FusionWeights
 from search.fusion import reciprocal_rank_fusion
 from search.protocol import Document, Hit, Index
+from search.serving import QueryEncoder, ServedModels
 
 MODES = ("bm25", "dense", "hybrid")
 
@@ -61,40 +62,16 @@ class SearchResult:
     query_id: str
     mode: str
     model_version: str
+    arm: str  # champion or challenger (search/serving.py)
     hits: list[tuple[Hit, Document]]
-
-
-class ServedModel:
-    """The query encoder that serves, swappable while requests run.
-
-    A request takes the encoder once (``current``) and uses it to the end, so a swap lets
-    requests in flight finish on the old model and never mixes two in one answer.
-    """
-
-    def __init__(self, encoder: QueryEncoder):
-        self._encoder = encoder
-
-    @property
-    def current(self) -> QueryEncoder:
-        return self._encoder
-
-    def swap(self, encoder: QueryEncoder) -> None:
-        self._encoder = encoder  # one reference assignment: atomic for readers
-
-
-class QueryEncoder(Protocol):
-    version: str
-
-    def embed_one(self, text: str) -> np.ndarray:
-        ...
 
 
 class SearchService:
     """Runs a query in one mode and joins hits with their stored documents."""
 
-    def __init__(self, index: Index, model: ServedModel, weights: FusionWeights = FusionWeights(),
+    def __init__(self, index: Index, models: ServedModels, weights: FusionWeights = FusionWeights(),
                  rrf_k: int = 60, candidates: int = 100):
-        self.index, self.model = index, model
+        self.index, self.models = index, models
         self.weights, self.rrf_k, self.candidates = weights, rrf_k, candidates
 
     def rankers(self, encoder: QueryEncoder) -> dict[str, Ranker]:
@@ -103,15 +80,18 @@ class SearchService:
                 "hybrid": FusedRanker([bm25, dense], [self.weights.bm25, self.weights.dense], self.rrf_k,
                                       self.candidates)}
 
-    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> SearchResult:
+    def search(self, query: str, k: int = 10, mode: str = "hybrid", session_id: str | None = None) -> SearchResult:
+        """One answer, from the arm the session (or, without one, this query) is routed to."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         started = time.perf_counter()
-        encoder = self.model.current
+        query_id = str(uuid.uuid4())
+        arm = self.models.choose(session_id or query_id)
+        encoder = arm.encoder
         hits = self.rankers(encoder)[mode].rank(query, k)
         documents = self.index.get_many([hit.id for hit in hits])
         metrics.SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - started)
-        return SearchResult(query_id=str(uuid.uuid4()), mode=mode, model_version=encoder.version,
+        return SearchResult(query_id=query_id, mode=mode, model_version=encoder.version, arm=arm.name,
                             hits=[(hit, documents[hit.id]) for hit in hits if hit.id in documents])
 
 

@@ -11,6 +11,9 @@ query_id lives in a Faust table (changelog-backed, so it survives a restart):
   impression after ``feedback_max_wait_s`` goes to the dead-letter topic. Faust lets only a
   stream modify a table, so expiry runs in the agent, at most once a second.
 
+Joined interactions also update the online metrics of the arm that answered (feedback/online.py)
+in a second table keyed by model version and arm; the API reads them through ``online()``.
+
 Examples go to the example store (deduplicated). When ``window_size`` new examples exist,
 or ``window_minutes`` passed with at least ``window_min`` of them, a window is closed and a
 training request is published to ``autoglm.training``.
@@ -24,12 +27,13 @@ import time
 
 import faust
 from pydantic import ValidationError
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from autoglm import topics
 from autoglm.interactions import Feedback, Impression, TrainingRequest
 from autoglm.settings import Settings
 from feedback.examples import ExamplePolicy, build_example, is_positive
+from feedback.online import METRICS, RANKS, ArmStats
 from feedback.propensity import PositionBiasModel
 from feedback.store import ExampleStore
 from streams.dead_letters import DeadLetters
@@ -40,6 +44,10 @@ FEEDBACK_EVENTS = Counter("autoglm_feedback_events", "Feedback and impression re
                           ["kind", "outcome"])
 EXAMPLES = Counter("autoglm_training_examples", "Training examples stored (new, not duplicates)")
 WINDOWS = Counter("autoglm_training_windows", "Training windows closed", ["reason"])
+ONLINE = Gauge("autoglm_online_metric", "Online metrics per model version and arm, with the bounds of "
+               "their anytime-valid confidence interval", ["version", "arm", "metric", "stat"])
+ONLINE_IMPRESSIONS = Gauge("autoglm_online_impressions", "Impressions joined per model version and arm",
+                           ["version", "arm"])
 
 _EXPIRY_SWEEP_S = 1.0
 
@@ -53,6 +61,8 @@ class FeedbackProcessor:
         self.dead_letters = DeadLetters(app)
         self.training = app.topic(topics.TRAINING, key_serializer="raw", value_serializer="raw")
         self.interactions = app.Table("interactions", default=None, partitions=1)
+        self.arm_stats = app.Table("arm_stats", default=None, partitions=1)
+        self._online: dict[tuple[str, str], ArmStats] = {}
         self._last_sweep = 0.0
         self._started_at = time.time()
         source = app.topic(topics.IMPRESSIONS, topics.FEEDBACK, key_serializer="raw", value_serializer="raw")
@@ -91,6 +101,7 @@ class FeedbackProcessor:
         FEEDBACK_EVENTS.labels("impression", "joined").inc()
         waiting = [Feedback.model_validate(item["event"]) for item in state["feedback"]]
         FEEDBACK_EVENTS.labels("feedback", "joined").inc(len(waiting))
+        self._count_online(state, waiting, new_impression=True)
         self.interactions[impression.query_id] = state
         await self._add_examples(impression, [f for f in waiting if is_positive(f, self.policy)], waiting)
 
@@ -110,9 +121,41 @@ class FeedbackProcessor:
             FEEDBACK_EVENTS.labels("feedback", "waiting").inc()
             return
         FEEDBACK_EVENTS.labels("feedback", "joined").inc()
+        self._count_online(state, [event])
+        self.interactions[event.query_id] = state
         if is_positive(event, self.policy):
             known = [Feedback.model_validate(item["event"]) for item in state["feedback"]]
             await self._add_examples(Impression.model_validate(state["impression"]), [event], known)
+
+    def online(self) -> dict[tuple[str, str], ArmStats]:
+        """(model version, arm) -> online metrics so far; a copy, safe to read from other threads."""
+        return dict(self._online)
+
+    def _count_online(self, state: dict, events: list[Feedback], new_impression: bool = False) -> None:
+        """Fold an interaction's new events into its arm's metrics; each impression counts once
+        per metric (its first click in the top 10, its first skip)."""
+        impression = state["impression"]
+        key = f"{impression['model_version']}|{impression['arm']}"
+        stats = ArmStats(**(self.arm_stats.get(key) or {}))
+        stats.impressions += int(new_impression)
+        for event in events:
+            if event.type == "click" and event.position <= RANKS and not state.get("clicked"):
+                state["clicked"] = True
+                stats.clicked += 1
+                stats.reciprocal_rank_sum += 1.0 / event.position
+            elif event.type == "skip" and not state.get("skipped"):
+                state["skipped"] = True
+                stats.skipped += 1
+        self.arm_stats[key] = stats.to_dict()
+        self._publish_online(impression["model_version"], impression["arm"], stats)
+
+    def _publish_online(self, version: str, arm: str, stats: ArmStats) -> None:
+        self._online[(version, arm)] = stats
+        ONLINE_IMPRESSIONS.labels(version, arm).set(stats.impressions)
+        for metric in METRICS:
+            low, high = stats.bounds(metric, self.settings.rollback_alpha)
+            for stat, value in (("value", stats.mean(metric)), ("lower", low), ("upper", high)):
+                ONLINE.labels(version, arm, metric, stat).set(value)
 
     async def _add_examples(self, impression: Impression, positives: list[Feedback],
                             known: list[Feedback]) -> None:

@@ -196,7 +196,7 @@ def test_search_api_validates_input_and_treats_query_syntax_as_text(worker, send
             assert response.status_code == 200, (query, mode, response.text)
     body = worker.client.get("/search", params={"q": 'vitamin: "bone (density*', "k": 3}).json()
     assert body["hits"][0]["id"] == "e2e.lifecycle:50"
-    assert set(body) == {"query_id", "model_version", "mode", "hits"}
+    assert set(body) == {"query_id", "model_version", "arm", "mode", "hits"}
     assert set(body["hits"][0]) == {"id", "score", "title", "snippet", "metadata", "source"}
     assert body["hits"][0]["source"] == {"table": "e2e.lifecycle", "position": ["lsn", 5000]}
 

@@ -1,0 +1,137 @@
+"""Serving follows the MLflow aliases: `champion` serves, `challenger` takes its share of traffic.
+
+A person moves an alias in the MLflow UI. The follower notices in two ways:
+- a webhook (``model_version_alias.created`` / ``.deleted``) that the API receives, verifies
+  and turns into ``wake()``: seconds from the click to serving;
+- polling every ``poll_seconds``, the fallback when a delivery is lost or no webhook is set.
+
+Each sync compares the versions the aliases name with the versions that serve. A changed arm's
+version is loaded in this thread (download, then compile for serving) while the old one keeps
+answering, then swapped in with one assignment (search/serving.py); a version the other arm
+already serves (the challenger being promoted) is reused without loading. A load that fails leaves
+the old version serving, is logged and counted, and is not retried until its alias moves, so
+a broken version does not cost a download every poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from prometheus_client import Counter, Gauge
+
+from registry.models import PREVIOUS_CHAMPION_TAG, ModelRegistry, version_uri
+from search.serving import ARMS, CHALLENGER, CHAMPION, QueryEncoder, ServedModels
+
+log = logging.getLogger(__name__)
+
+LOADS = Counter("autoglm_model_loads", "Model versions loaded for serving, by arm and outcome", ["arm", "outcome"])
+SERVING = Gauge("autoglm_serving_version", "1 for the version each arm serves", ["arm", "version"])
+
+LoadVersion = Callable[[str | None], QueryEncoder]  # version number (None: the base model) -> encoder
+
+
+class AliasFollower:
+    def __init__(self, registry: ModelRegistry, models: ServedModels, load: LoadVersion, base_version: str,
+                 poll_seconds: float = 30.0):
+        """``base_version``: how the base model names itself (``Encoder.version``)."""
+        self.registry, self.models, self.load, self.base_version = registry, models, load, base_version
+        self.poll_seconds = poll_seconds
+        self.last_error: str | None = None
+        self._failed: dict[str, str | None] = {}  # arm -> version whose load failed
+        self._synced_once = False  # the first sync is start-up, not a promotion
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sync_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="alias-follower", daemon=True)
+
+    def start(self) -> "AliasFollower":
+        self._publish_gauges()
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Sync now (a webhook said an alias moved) instead of at the next poll."""
+        self._wake.set()
+
+    def sync(self) -> None:
+        """Bring both arms to the versions their aliases name; safe to call from any thread."""
+        with self._sync_lock:
+            for arm in ARMS:
+                self._sync_arm(arm, self.registry.version_for(arm))
+            self._publish_gauges()
+            self._synced_once = True
+
+    def _sync_arm(self, arm: str, version: str | None) -> None:
+        """``version`` None: no alias. Then the challenger arm closes and the champion arm
+        serves the base model."""
+        serving = self.models.encoder(arm)
+        if version is None and arm == CHALLENGER:
+            if serving is not None:
+                self.models.swap(CHALLENGER, None)
+                log.info("challenger alias removed: all traffic on the champion")
+            return
+        if serving is not None and serving.version == self._uri(version):
+            return
+        if self._failed.get(arm) == version:
+            return
+        other = self.models.encoder(CHALLENGER if arm == CHAMPION else CHAMPION)
+        if other is not None and other.version == self._uri(version):
+            encoder = other  # promoting the challenger: it is loaded already, the swap is immediate
+        else:
+            encoder = self._load(arm, version, serving)
+            if encoder is None:
+                return
+        if arm == CHAMPION and version is not None and self._synced_once:  # a promotion seen live
+            self._remember_predecessor(version, serving.version)
+        self.models.swap(arm, encoder)
+        log.info("%s now serves %s (was %s)", arm, encoder.version, serving.version if serving else "none")
+
+    def _load(self, arm: str, version: str | None, serving: QueryEncoder | None) -> QueryEncoder | None:
+        try:
+            encoder = self.load(version)
+        except Exception as exc:  # any failure keeps the old version serving
+            LOADS.labels(arm, "failed").inc()
+            self._failed[arm] = version
+            self.last_error = f"loading version {version} for {arm} failed: {exc!r}"
+            log.exception("loading version %s for %s failed; %s keeps serving", version, arm,
+                          serving.version if serving else "nothing")
+            return None
+        self._failed.pop(arm, None)
+        LOADS.labels(arm, "loaded").inc()
+        return encoder
+
+    def _remember_predecessor(self, version: str, previous_uri: str) -> None:
+        """Tag the new champion with the one it replaces, for ``autoglm rollback``."""
+        previous = previous_uri.rsplit("/", 1)[-1] if previous_uri.startswith("models:/") else "base"
+        try:
+            if previous != version and PREVIOUS_CHAMPION_TAG not in self.registry.version_tags(version):
+                self.registry.tag_version(version, PREVIOUS_CHAMPION_TAG, previous)
+        except Exception as exc:  # a missing tag only costs the rollback its default target
+            log.warning("could not tag version %s with its predecessor: %s", version, exc)
+
+    def _uri(self, version: str | None) -> str:
+        return version_uri(version) if version is not None else self.base_version
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except Exception as exc:  # the registry is unreachable: keep serving, try again later
+                self.last_error = f"reading the MLflow aliases failed: {exc!r}"
+                log.warning("%s", self.last_error)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def _publish_gauges(self) -> None:
+        SERVING.clear()
+        for arm in (CHAMPION, CHALLENGER):
+            encoder = self.models.encoder(arm)
+            if encoder is not None:
+                SERVING.labels(arm, encoder.version).set(1)
