@@ -29,7 +29,7 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
                     promote_champion=args.promote_champion, query_runtime=args.query_runtime,
                     challenger_share=args.challenger_share, alias_poll_s=args.alias_poll,
-                    webhooks=not args.no_webhooks,
+                    webhooks=not args.no_webhooks, online_settle_s=args.online_settle,
                     cdc_topics=args.cdc_topics,
                     mapping_file=Path(args.mapping) if args.mapping else None)
 
@@ -60,6 +60,8 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="seconds between reads of the MLflow aliases (default %(default)s)")
     parser.add_argument("--no-webhooks", action="store_true",
                         help="follow the aliases by polling only (no MLflow webhook)")
+    parser.add_argument("--online-settle", type=float, default=defaults.online_settle_s,
+                        help="seconds after which a search counts in the online metrics (default %(default)s)")
     parser.add_argument("--group-id", default=defaults.group_id,
                         help="consumer group of the ingest workers (one per index; default %(default)s)")
 
@@ -123,7 +125,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                "--window-min", str(args.window_min),
                "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
     command += ["--query-runtime", args.query_runtime, "--challenger-share", str(args.challenger_share),
-                "--alias-poll", str(args.alias_poll)]
+                "--alias-poll", str(args.alias_poll), "--online-settle", str(args.online_settle)]
     command += ["--no-webhooks"] if args.no_webhooks else []
     command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []
     command += ["--promote-champion"] if args.promote_champion else []

@@ -57,6 +57,7 @@ class Settings:
     # Automatic rollback: the challenger alias is removed once its CTR@10 is worse than the
     # champion's by anytime-valid bounds at this error rate (feedback/online.py).
     auto_rollback: bool = True
+    online_settle_s: float = 30.0  # an impression counts in the online metrics this long after it opened
     rollback_alpha: float = 0.05
     rollback_min_impressions: int = 50
     rrf_k: int = 60

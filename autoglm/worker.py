@@ -81,10 +81,14 @@ def start_serving(settings: Settings, registry):
     models = ServedModels(base, challenger_share=settings.challenger_share)
 
     def load(version: str | None):
-        return serving_encoder(settings, registry.load_encoder(version) if version else Encoder())
+        return registry.load_encoder(version) if version else Encoder()
 
-    follower = AliasFollower(registry, models, load, base.version, poll_seconds=settings.alias_poll_s)
-    follower.sync()  # the champion (and challenger) serve from the first request on
+    follower = AliasFollower(registry, models, load, base.version, lambda loaded: serving_encoder(settings, loaded),
+                             poll_seconds=settings.alias_poll_s)
+    try:
+        follower.sync()  # the champion (and challenger) serve from the first request on
+    except Exception as exc:  # MLflow unreachable: serve the base model, the follower keeps trying
+        log.warning("could not read the MLflow aliases at start (%s); the base model serves until it can", exc)
     return models, follower.start()
 
 
@@ -188,7 +192,9 @@ def run_worker(settings: Settings) -> None:
         return {"broker": broker_probe(), "worker": worker_down, "index": index_down}
 
     def overview() -> dict:
-        return models_overview(registry, models, feedback.online, settings.rollback_alpha)
+        verdict = guard.last_verdict if guard else None
+        return models_overview(registry, models, feedback.online, settings.rollback_alpha,
+                               verdict.reason if verdict else None)
 
     service = SearchService(index, models, settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
     publisher = EventPublisher(settings.broker)

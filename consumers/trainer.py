@@ -144,7 +144,10 @@ class Trainer:
             if self.config.promote_champion:
                 self.registry.set_alias(CHAMPION, version)
                 if self.on_new_champion:
-                    self.on_new_champion()
+                    try:
+                        self.on_new_champion()
+                    except Exception:  # serving catches up at its next alias poll; no retraining
+                        log.exception("serving could not switch to the new champion %s yet", version)
         else:
             self.registry.record_rejection(run_id, "; ".join(decision.reasons), metrics)
         outcome = TrainingOutcome(windows, run_id, decision.passed, version, decision.reasons, metrics,

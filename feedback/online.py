@@ -53,6 +53,11 @@ class ArmStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def since(self, earlier: "ArmStats") -> "ArmStats":
+        """What was observed after ``earlier`` (a snapshot of the same counters)."""
+        return ArmStats(self.impressions - earlier.impressions, self.clicked - earlier.clicked,
+                        self.reciprocal_rank_sum - earlier.reciprocal_rank_sum, self.skipped - earlier.skipped)
+
 
 def confidence_radius(n: int, alpha: float) -> float:
     """One-sided radius (error alpha) of the stitched confidence sequence for means of [0, 1]

@@ -5,23 +5,26 @@ A person moves an alias in the MLflow UI. The follower notices in two ways:
   and turns into ``wake()``: seconds from the click to serving;
 - polling every ``poll_seconds``, the fallback when a delivery is lost or no webhook is set.
 
-Each sync compares the versions the aliases name with the versions that serve. A changed arm's
-version is loaded in this thread (download, then compile for serving) while the old one keeps
-answering, then swapped in with one assignment (search/serving.py); a version the other arm
-already serves (the challenger being promoted) is reused without loading. A load that fails leaves
-the old version serving, is logged and counted, and is not retried until its alias moves, so
-a broken version does not cost a download every poll.
+Each sync compares the versions the aliases name with the versions that serve (no champion
+alias: the base model). A changed arm's version is loaded in this thread while the old one
+keeps answering, then swapped in with one assignment (search/serving.py). It serves as loaded
+(torch) at once, and is then compiled for speed (ONNX Runtime) and swapped again, so a promotion
+does not wait for the compiler. A version the other arm already serves (the challenger being
+promoted) is reused without loading. A load that fails leaves the old version serving, is logged
+and counted, and is retried only every ``retry_failed_s``, so a broken version does not cost a
+download every poll.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from prometheus_client import Counter, Gauge
 
-from registry.models import PREVIOUS_CHAMPION_TAG, ModelRegistry, version_uri
+from registry.models import PREVIOUS_CHAMPION_TAG, ROLLBACK_TAG, ModelRegistry, version_uri
 from search.serving import ARMS, CHALLENGER, CHAMPION, QueryEncoder, ServedModels
 
 log = logging.getLogger(__name__)
@@ -30,16 +33,19 @@ LOADS = Counter("autoglm_model_loads", "Model versions loaded for serving, by ar
 SERVING = Gauge("autoglm_serving_version", "1 for the version each arm serves", ["arm", "version"])
 
 LoadVersion = Callable[[str | None], QueryEncoder]  # version number (None: the base model) -> encoder
+Compile = Callable[[QueryEncoder], QueryEncoder]  # a loaded encoder -> the faster one that serves
 
 
 class AliasFollower:
     def __init__(self, registry: ModelRegistry, models: ServedModels, load: LoadVersion, base_version: str,
-                 poll_seconds: float = 30.0):
+                 compile_for_serving: Compile | None = None, poll_seconds: float = 30.0,
+                 retry_failed_s: float = 300.0):
         """``base_version``: how the base model names itself (``Encoder.version``)."""
         self.registry, self.models, self.load, self.base_version = registry, models, load, base_version
-        self.poll_seconds = poll_seconds
+        self.compile_for_serving = compile_for_serving
+        self.poll_seconds, self.retry_failed_s = poll_seconds, retry_failed_s
         self.last_error: str | None = None
-        self._failed: dict[str, str | None] = {}  # arm -> version whose load failed
+        self._failed: dict[str, tuple[str | None, float]] = {}  # arm -> (version, when its load failed)
         self._synced_once = False  # the first sync is start-up, not a promotion
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -77,28 +83,32 @@ class AliasFollower:
                 self.models.swap(CHALLENGER, None)
                 log.info("challenger alias removed: all traffic on the champion")
             return
-        if serving is not None and serving.version == self._uri(version):
+        wanted = version_uri(version) if version is not None else self.base_version
+        if serving is not None and serving.version == wanted:
             return
-        if self._failed.get(arm) == version:
+        failed = self._failed.get(arm)
+        if failed and failed[0] == version and time.monotonic() - failed[1] < self.retry_failed_s:
             return
         other = self.models.encoder(CHALLENGER if arm == CHAMPION else CHAMPION)
-        if other is not None and other.version == self._uri(version):
-            encoder = other  # promoting the challenger: it is loaded already, the swap is immediate
-        else:
-            encoder = self._load(arm, version, serving)
-            if encoder is None:
-                return
-        if arm == CHAMPION and version is not None and self._synced_once:  # a promotion seen live
-            self._remember_predecessor(version, serving.version)
+        reused = other is not None and other.version == wanted
+        encoder = other if reused else self._load(arm, version, serving)
+        if encoder is None:
+            return
+        if arm == CHAMPION and version is not None and serving is not None and self._synced_once:
+            self._remember_predecessor(version, serving.version)  # a promotion seen live
         self.models.swap(arm, encoder)
         log.info("%s now serves %s (was %s)", arm, encoder.version, serving.version if serving else "none")
+        if not reused and self.compile_for_serving:
+            # Compiling takes seconds: outside the sync lock, so a promotion meanwhile is not held up.
+            threading.Thread(target=self._compile, args=(arm, encoder), name="compile-for-serving",
+                             daemon=True).start()
 
     def _load(self, arm: str, version: str | None, serving: QueryEncoder | None) -> QueryEncoder | None:
         try:
             encoder = self.load(version)
         except Exception as exc:  # any failure keeps the old version serving
             LOADS.labels(arm, "failed").inc()
-            self._failed[arm] = version
+            self._failed[arm] = (version, time.monotonic())
             self.last_error = f"loading version {version} for {arm} failed: {exc!r}"
             log.exception("loading version %s for %s failed; %s keeps serving", version, arm,
                           serving.version if serving else "nothing")
@@ -107,17 +117,33 @@ class AliasFollower:
         LOADS.labels(arm, "loaded").inc()
         return encoder
 
+    def _compile(self, arm: str, loaded: QueryEncoder) -> None:
+        """Swap the compiled encoder in wherever the loaded one still serves (either arm: it may
+        have been promoted meanwhile); on failure the loaded one keeps serving (slower, same answers)."""
+        try:
+            compiled = self.compile_for_serving(loaded)
+        except Exception:
+            LOADS.labels(arm, "compile_failed").inc()
+            log.exception("compiling %s failed; it keeps serving uncompiled", loaded.version)
+            return
+        with self._sync_lock:
+            for serving_arm in ARMS:
+                if self.models.encoder(serving_arm) is loaded:
+                    self.models.swap(serving_arm, compiled)
+        LOADS.labels(arm, "compiled").inc()
+
     def _remember_predecessor(self, version: str, previous_uri: str) -> None:
-        """Tag the new champion with the one it replaces, for ``autoglm rollback``."""
+        """Tag the new champion with the one it replaces, for ``autoglm rollback``; not when the
+        one replaced was itself rolled back (then this move is the rollback)."""
         previous = previous_uri.rsplit("/", 1)[-1] if previous_uri.startswith("models:/") else "base"
         try:
-            if previous != version and PREVIOUS_CHAMPION_TAG not in self.registry.version_tags(version):
-                self.registry.tag_version(version, PREVIOUS_CHAMPION_TAG, previous)
+            if previous == version or PREVIOUS_CHAMPION_TAG in self.registry.version_tags(version):
+                return
+            if previous != "base" and ROLLBACK_TAG in self.registry.version_tags(previous):
+                return
+            self.registry.tag_version(version, PREVIOUS_CHAMPION_TAG, previous)
         except Exception as exc:  # a missing tag only costs the rollback its default target
             log.warning("could not tag version %s with its predecessor: %s", version, exc)
-
-    def _uri(self, version: str | None) -> str:
-        return version_uri(version) if version is not None else self.base_version
 
     def _run(self) -> None:
         while not self._stop.is_set():

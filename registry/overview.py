@@ -10,7 +10,8 @@ from search.serving import ServedModels
 
 
 def models_overview(registry: ModelRegistry | None, models: ServedModels,
-                    online: Callable[[], dict[tuple[str, str], ArmStats]], alpha: float) -> dict:
+                    online: Callable[[], dict[tuple[str, str], ArmStats]], alpha: float,
+                    canary_verdict: str | None = None) -> dict:
     challenger = models.challenger
     return {
         "mlflow_uri": registry.tracking_uri if registry else None,
@@ -21,4 +22,5 @@ def models_overview(registry: ModelRegistry | None, models: ServedModels,
         "online": [{"version": version, "arm": arm, **stats.summary(alpha)}
                    for (version, arm), stats in sorted(online().items())],
         "online_interval": f"anytime-valid {1 - alpha:.0%} confidence sequence (feedback/online.py)",
+        "canary": canary_verdict,  # the rollback guard's last comparison of the arms
     }

@@ -2,7 +2,9 @@
 
 The guard runs in a thread of the worker. Every ``interval_s`` it compares the online metrics of
 the two arms (feedback/online.py: CTR@10 with anytime-valid bounds, so checking this often does
-not inflate the false-alarm rate). When the challenger is worse, it removes the ``challenger``
+not inflate the false-alarm rate), over the same period: the champion's counters are taken from
+the moment the guard first saw this challenger, so traffic before the canary started (another
+season, another mix of queries) does not count. When the challenger is worse, it removes the ``challenger``
 alias, tags the version with the reason, and wakes the alias follower so that the challenger's
 share of traffic returns to the champion at once.
 """
@@ -33,6 +35,8 @@ class CanaryGuard:
         self.registry, self.models, self.online, self.on_rollback = registry, models, online, on_rollback
         self.alpha, self.min_impressions, self.interval_s = alpha, min_impressions, interval_s
         self.last_verdict: Verdict | None = None
+        # (challenger, champion) -> both arms' counters when the guard first saw this pair
+        self._baseline: tuple[tuple[str, str], ArmStats, ArmStats] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="canary-guard", daemon=True)
 
@@ -50,9 +54,13 @@ class CanaryGuard:
         if challenger is None:
             return None
         stats = self.online()
-        verdict = challenger_verdict(stats.get((champion.version, CHAMPION), ArmStats()),
-                                     stats.get((challenger.version, CHALLENGER), ArmStats()),
-                                     self.alpha, self.min_impressions)
+        champion_stats = stats.get((champion.version, CHAMPION), ArmStats())
+        challenger_stats = stats.get((challenger.version, CHALLENGER), ArmStats())
+        pair = (challenger.version, champion.version)
+        if self._baseline is None or self._baseline[0] != pair:
+            self._baseline = (pair, champion_stats, challenger_stats)
+        verdict = challenger_verdict(champion_stats.since(self._baseline[1]),
+                                     challenger_stats.since(self._baseline[2]), self.alpha, self.min_impressions)
         self.last_verdict = verdict
         if verdict.worse:
             version = self.registry.version_for(CHALLENGER)

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -71,8 +72,9 @@ def rejection(secret: str, headers: Mapping[str, str], body: bytes, now: float |
                                     (SIGNATURE_HEADER, DELIVERY_ID_HEADER, TIMESTAMP_HEADER))
     if not (sent and delivery_id and timestamp):
         return f"missing {SIGNATURE_HEADER}, {DELIVERY_ID_HEADER} or {TIMESTAMP_HEADER}"
-    if not timestamp.isdigit() or abs((now or time.time()) - int(timestamp)) > MAX_SKEW_SECONDS:
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp) or abs((now or time.time()) - int(timestamp)) > MAX_SKEW_SECONDS:
         return f"timestamp {timestamp!r} is more than {MAX_SKEW_SECONDS} s from now"
-    if not hmac.compare_digest(sent, signature(secret, delivery_id, timestamp, body)):
+    expected = signature(secret, delivery_id, timestamp, body)
+    if not hmac.compare_digest(sent.encode("utf-8", "replace"), expected.encode()):
         return "signature does not match"
     return None

@@ -11,8 +11,11 @@ query_id lives in a Faust table (changelog-backed, so it survives a restart):
   impression after ``feedback_max_wait_s`` goes to the dead-letter topic. Faust lets only a
   stream modify a table, so expiry runs in the agent, at most once a second.
 
-Joined interactions also update the online metrics of the arm that answered (feedback/online.py)
-in a second table keyed by model version and arm; the API reads them through ``online()``.
+An interaction also counts, once, in the online metrics of the arm that answered it
+(feedback/online.py; a second table keyed by model version and arm, read through ``online()``),
+when it is ``online_settle_s`` old: counting an impression before its clicks could arrive would
+bias the arm with the most recent traffic (a new challenger) downwards. Feedback after that
+still makes examples but no longer changes the online metrics.
 
 Examples go to the example store (deduplicated). When ``window_size`` new examples exist,
 or ``window_minutes`` passed with at least ``window_min`` of them, a window is closed and a
@@ -36,6 +39,7 @@ from feedback.examples import ExamplePolicy, build_example, is_positive
 from feedback.online import METRICS, RANKS, ArmStats
 from feedback.propensity import PositionBiasModel
 from feedback.store import ExampleStore
+from search.serving import CHAMPION
 from streams.dead_letters import DeadLetters
 
 log = logging.getLogger(__name__)
@@ -101,7 +105,6 @@ class FeedbackProcessor:
         FEEDBACK_EVENTS.labels("impression", "joined").inc()
         waiting = [Feedback.model_validate(item["event"]) for item in state["feedback"]]
         FEEDBACK_EVENTS.labels("feedback", "joined").inc(len(waiting))
-        self._count_online(state, waiting, new_impression=True)
         self.interactions[impression.query_id] = state
         await self._add_examples(impression, [f for f in waiting if is_positive(f, self.policy)], waiting)
 
@@ -121,8 +124,6 @@ class FeedbackProcessor:
             FEEDBACK_EVENTS.labels("feedback", "waiting").inc()
             return
         FEEDBACK_EVENTS.labels("feedback", "joined").inc()
-        self._count_online(state, [event])
-        self.interactions[event.query_id] = state
         if is_positive(event, self.policy):
             known = [Feedback.model_validate(item["event"]) for item in state["feedback"]]
             await self._add_examples(Impression.model_validate(state["impression"]), [event], known)
@@ -131,23 +132,22 @@ class FeedbackProcessor:
         """(model version, arm) -> online metrics so far; a copy, safe to read from other threads."""
         return dict(self._online)
 
-    def _count_online(self, state: dict, events: list[Feedback], new_impression: bool = False) -> None:
-        """Fold an interaction's new events into its arm's metrics; each impression counts once
-        per metric (its first click in the top 10, its first skip)."""
+    def _count_online(self, state: dict) -> None:
+        """Fold a settled interaction into its arm's metrics: one impression, its first click in
+        the top 10 (by time), whether it was skipped."""
         impression = state["impression"]
-        key = f"{impression['model_version']}|{impression['arm']}"
+        arm = impression.get("arm", CHAMPION)  # impressions stored before arms existed
+        key = f"{impression['model_version']}|{arm}"
         stats = ArmStats(**(self.arm_stats.get(key) or {}))
-        stats.impressions += int(new_impression)
-        for event in events:
-            if event.type == "click" and event.position <= RANKS and not state.get("clicked"):
-                state["clicked"] = True
-                stats.clicked += 1
-                stats.reciprocal_rank_sum += 1.0 / event.position
-            elif event.type == "skip" and not state.get("skipped"):
-                state["skipped"] = True
-                stats.skipped += 1
+        stats.impressions += 1
+        events = [item["event"] for item in state["feedback"]]
+        first_click = next((e for e in events if e["type"] == "click" and e["position"] <= RANKS), None)
+        if first_click:
+            stats.clicked += 1
+            stats.reciprocal_rank_sum += 1.0 / first_click["position"]
+        stats.skipped += any(e["type"] == "skip" for e in events)
         self.arm_stats[key] = stats.to_dict()
-        self._publish_online(impression["model_version"], impression["arm"], stats)
+        self._publish_online(impression["model_version"], arm, stats)
 
     def _publish_online(self, version: str, arm: str, stats: ArmStats) -> None:
         self._online[(version, arm)] = stats
@@ -171,8 +171,15 @@ class FeedbackProcessor:
         if now - self._last_sweep < _EXPIRY_SWEEP_S:
             return
         self._last_sweep = now
+        if not self._online and self.arm_stats:  # first sweep after a restart: show what the table holds
+            for key, counts in self.arm_stats.items():
+                self._publish_online(*key.split("|", 1), ArmStats(**counts))
         for query_id, state in list(self.interactions.items()):
             age = now - state["opened_at"]
+            if state["impression"] is not None and not state.get("counted") and age >= self.settings.online_settle_s:
+                self._count_online(state)
+                state["counted"] = True
+                self.interactions[query_id] = state
             if state["impression"] is None and age > self.settings.feedback_max_wait_s:
                 for item in state["feedback"]:
                     FEEDBACK_EVENTS.labels("feedback", "no_impression").inc()

@@ -12,6 +12,7 @@ import uuid
 
 import numpy as np
 import pytest
+from mlflow.webhooks.delivery import _generate_hmac_signature
 import torch
 
 from autoglm.encoder import Encoder
@@ -66,11 +67,15 @@ def test_webhook_signatures_are_checked():
     body, now = b'{"entity": "model_version_alias", "action": "created"}', time.time()
     headers = {"X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": str(int(now))}
     good = {**headers, "X-MLflow-Signature": signature("s3cret", "d1", headers["X-MLflow-Timestamp"], body)}
+    assert good["X-MLflow-Signature"] == _generate_hmac_signature("s3cret", "d1", headers["X-MLflow-Timestamp"],
+                                                                  body.decode())  # MLflow's own signer
     assert rejection("s3cret", good, body, now) is None
     assert "does not match" in rejection("other", good, body, now)
     assert "does not match" in rejection("s3cret", good, body + b" ", now)
     assert "from now" in rejection("s3cret", good, body, now + 3600)  # a replay, an hour later
     assert "missing" in rejection("s3cret", headers, body, now)
+    assert "from now" in rejection("s3cret", {**good, "X-MLflow-Timestamp": "²"}, body, now)
+    assert "does not match" in rejection("s3cret", {**good, "X-MLflow-Signature": "v1,é"}, body, now)
 
 
 # A real MLflow server, three versions, and workers that follow its aliases --------------------------
@@ -136,10 +141,13 @@ def test_promotion_by_webhook_challenger_share_and_a_broken_version(broker, mlfl
         cold = serves(worker, versions["tuned"], 10)
 
         # The usual flow: a version serves as challenger first, then a person promotes it.
+        compiled = worker.metric("autoglm_model_loads_total", arm="challenger", outcome="compiled")
         registry.set_alias(CHALLENGER, versions["base"])
         in_canary = next(s for s in (f"user-{n}" for n in range(1000)) if sticky_point(s) < 0.05)
         elsewhere = next(s for s in (f"user-{n}" for n in range(1000)) if sticky_point(s) >= 0.05)
         serves(worker, versions["base"], 10, session=in_canary)
+        wait_until(lambda: worker.metric("autoglm_model_loads_total", arm="challenger", outcome="compiled") > compiled,
+                   20, 0.1, "the challenger to be compiled, as one that has served a while is")
         assert answer(worker, in_canary)["arm"] == CHALLENGER
         assert answer(worker, elsewhere)["arm"] == CHAMPION
         assert answer(worker, elsewhere)["model_version"] == version_uri(versions["tuned"])
@@ -197,7 +205,7 @@ def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflo
     kafka.flush(10)
     worker = WorkerProcess(broker, tmp_path / "data", tmp_path / "worker.log",
                            ["--cdc-topics", r"^cdc\.serving\.", "--mlflow-uri", mlflow_server.url,
-                            "--challenger-share", "0.5"]).wait_healthy()
+                            "--challenger-share", "0.5", "--online-settle", "1"]).wait_healthy()
     try:
         wait_until(lambda: worker.document(f"serving.notes:{len(subjects)}"), 60, 0.2, "the notes to be indexed")
 
@@ -222,8 +230,12 @@ def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflo
         wait_until(lambda: worker.client.get("/models").json()["arms"]["challenger"] == version_uri(versions["same"]),
                    10, 0.1, "the equal challenger to serve")
         users(400, 0)
-        wait_until(lambda: online(versions["same"], CHALLENGER) >= 150, 30, 0.5, "the challenger's impressions")
-        time.sleep(3)  # a guard tick past the last event
+        # about 200 each; the last second's wait for a later event to settle them
+        wait_until(lambda: online(versions["same"], CHALLENGER) >= 120, 30, 0.5, "the challenger's impressions")
+        wait_until(lambda: "challenger" in (worker.client.get("/models").json()["canary"] or "")
+                   and "too few" not in worker.client.get("/models").json()["canary"], 10, 0.2,
+                   "the guard to compare the arms")
+        time.sleep(3)  # more guard ticks
         assert registry.version_for(CHALLENGER) == versions["same"]
         assert "autoglm.rollback" not in registry.version_tags(versions["same"])
 
