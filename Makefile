@@ -3,9 +3,17 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup up test bench clean
+.PHONY: setup system up test bench clean
+
+# Debian packages the tests use: a real Postgres (CDC source), Java 17 (Debezium in-process) and
+# docker-compose (validates docker-compose.yml; no engine needed).
+SYSTEM_PACKAGES := postgresql openjdk-17-jre-headless docker-compose
 
 setup: $(VENV)/.installed
+
+system:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v java >/dev/null || ! command -v docker-compose >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); fi
 
 # torch first, from the CPU build on disk; the constraints file keeps every later install on it.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -18,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 up: setup
 	$(BIN)/autoglm up
 
-test: setup
+test: setup system
 	$(BIN)/python -m pytest -q
 
 bench: setup

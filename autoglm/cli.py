@@ -30,6 +30,7 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     promote_champion=args.promote_champion, query_runtime=args.query_runtime,
                     challenger_share=args.challenger_share, alias_poll_s=args.alias_poll,
                     webhooks=not args.no_webhooks, online_settle_s=args.online_settle,
+                    index_backend=args.index, es_url=args.es_url, es_index=args.es_index,
                     cdc_topics=args.cdc_topics,
                     mapping_file=Path(args.mapping) if args.mapping else None)
 
@@ -62,6 +63,11 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="follow the aliases by polling only (no MLflow webhook)")
     parser.add_argument("--online-settle", type=float, default=defaults.online_settle_s,
                         help="seconds after which a search counts in the online metrics (default %(default)s)")
+    parser.add_argument("--index", choices=("embedded", "elasticsearch"), default=defaults.index_backend,
+                        help="index backend (default %(default)s)")
+    parser.add_argument("--es-url", default=os.environ.get("AUTOGLM_ES_URL"),
+                        help="Elasticsearch URL for --index elasticsearch (default $AUTOGLM_ES_URL)")
+    parser.add_argument("--es-index", default=defaults.es_index, help="Elasticsearch index alias")
     parser.add_argument("--group-id", default=defaults.group_id,
                         help="consumer group of the ingest workers (one per index; default %(default)s)")
 
@@ -125,7 +131,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                "--window-min", str(args.window_min),
                "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
     command += ["--query-runtime", args.query_runtime, "--challenger-share", str(args.challenger_share),
-                "--alias-poll", str(args.alias_poll), "--online-settle", str(args.online_settle)]
+                "--alias-poll", str(args.alias_poll), "--online-settle", str(args.online_settle),
+                "--index", args.index, "--es-index", args.es_index]
+    command += ["--es-url", args.es_url] if args.es_url else []
     command += ["--no-webhooks"] if args.no_webhooks else []
     command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []
     command += ["--promote-champion"] if args.promote_champion else []
@@ -263,6 +271,39 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cdc_postgres(args: argparse.Namespace) -> int:
+    """Debezium's Postgres connector in this process, publishing change events to the broker."""
+    from streams.postgres_source import PostgresSource, PostgresSourceConfig, SourceError
+
+    tables = tuple(t.strip() for t in args.tables.split(",") if t.strip())
+    source = PostgresSource(PostgresSourceConfig(args.dsn, tables, args.topic_prefix, args.broker,
+                                                 Path(args.data_dir), slot_name=args.slot))
+    _stop_on_signals(source.stop)
+    print(f"cdc: {', '.join(source.config.topics())} on {args.broker}", flush=True)
+    try:
+        source.run()
+    except SourceError as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
+        return 1
+    print(f"cdc: stopped after publishing {source.published} records", flush=True)
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    """Build a new Elasticsearch index with the current mappings and swap the alias to it."""
+    from search.elasticsearch import ElasticsearchIndex
+
+    if not args.es_url:
+        print("autoglm: reindex needs --es-url (or AUTOGLM_ES_URL)", file=sys.stderr)
+        return 2
+    index = ElasticsearchIndex(args.es_url, args.es_index)
+    try:
+        print(f"{args.es_index} -> {index.reindex()}")
+    finally:
+        index.close()
+    return 0
+
+
 def cmd_load_dataset(args: argparse.Namespace) -> int:
     from autoglm.datasets import publish_corpus
 
@@ -352,6 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the API whose MLflow server to use (see /models)")
         command.add_argument("--mlflow-uri", help="MLflow tracking URI (default: the API's)")
         command.set_defaults(func=handler)
+
+    reindex = sub.add_parser("reindex", help="rebuild the Elasticsearch index and swap its alias")
+    reindex.add_argument("--es-url", default=os.environ.get("AUTOGLM_ES_URL"))
+    reindex.add_argument("--es-index", default=Settings().es_index)
+    reindex.set_defaults(func=cmd_reindex)
+
+    cdc = sub.add_parser("cdc", help="run a change-data-capture source")
+    cdc_sources = cdc.add_subparsers(dest="source", required=True)
+    postgres = cdc_sources.add_parser("postgres", help="Debezium's Postgres connector, in-process")
+    postgres.add_argument("--dsn", required=True, help="postgresql://user:password@host:port/dbname")
+    postgres.add_argument("--tables", required=True, help="comma-separated schema.table list")
+    postgres.add_argument("--topic-prefix", default="cdc.db", help="topics are PREFIX.schema.table")
+    postgres.add_argument("--broker", default=Settings().broker)
+    postgres.add_argument("--data-dir", default="./autoglm-cdc", help="where the connector keeps its offsets")
+    postgres.add_argument("--slot", default="autoglm", help="replication slot (and publication) name")
+    postgres.set_defaults(func=cmd_cdc_postgres)
 
     load = sub.add_parser("load-dataset", help="publish a BEIR corpus as Debezium snapshot events")
     load.add_argument("--dataset", required=True, help="BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/)")

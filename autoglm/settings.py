@@ -60,6 +60,11 @@ class Settings:
     online_settle_s: float = 30.0  # an impression counts in the online metrics this long after it opened
     rollback_alpha: float = 0.05
     rollback_min_impressions: int = 50
+    # Index backend: "embedded" (tantivy + usearch + SQLite under data_dir) or "elasticsearch".
+    index_backend: str = "embedded"
+    es_url: str | None = None
+    es_index: str = "autoglm-documents"  # an alias; `autoglm reindex` swaps what it points at
+    es_refresh: str = "wait_for"  # per commit: wait_for (fresh), true, or false (refresh_interval decides)
     rrf_k: int = 60
     fusion_weights: FusionWeights = field(default_factory=FusionWeights)
     fusion_candidates: int = 100

@@ -59,6 +59,19 @@ class BrokerProbe:
         return self._error
 
 
+def open_index(settings: Settings):
+    """The index backend the settings name."""
+    if settings.index_backend == "elasticsearch":
+        from search.elasticsearch import ElasticsearchIndex
+
+        if not settings.es_url:
+            raise ValueError("--index elasticsearch needs --es-url")
+        return ElasticsearchIndex(settings.es_url, settings.es_index, refresh=settings.es_refresh)
+    from search.embedded import EmbeddedIndex
+
+    return EmbeddedIndex(settings.index_dir)
+
+
 def serving_encoder(settings: Settings, encoder):
     """The query encoder as it serves: compiled to ONNX Runtime unless the settings say torch."""
     if settings.query_runtime == "torch":
@@ -138,7 +151,6 @@ def run_worker(settings: Settings) -> None:
     from registry.rollback import CanaryGuard
     from registry.webhooks import unregister_receiver
     from search.api import create_app
-    from search.embedded import EmbeddedIndex
     from search.query import SearchService
     from streams.cdc import CdcProcessor
     from feedback.store import ExampleStore
@@ -151,7 +163,7 @@ def run_worker(settings: Settings) -> None:
     lock = lock_data_dir(settings)
     mapper = Mapper.from_file(settings.mapping_file)
     topics.ensure_topics(settings.broker, topics.PLATFORM_TOPICS, partitions=1)
-    index = EmbeddedIndex(settings.index_dir)
+    index = open_index(settings)
     document_encoder = Encoder()
     registry = ModelRegistry(settings.mlflow_uri) if settings.mlflow_uri else None
     # The query side has its own encoders: queries never wait behind a document batch, and

@@ -50,6 +50,30 @@ def evaluate(embed_queries: EmbedQueries, index: Index, queries: Mapping[str, st
     return {f"ndcg@{k}": _mean(ndcg), f"mrr@{k}": _mean(mrr), "queries": len(query_ids)}
 
 
+def per_query_ndcg(embed_queries: EmbedQueries, index: Index, queries: Mapping[str, str],
+                   qrels: Mapping[str, Mapping[str, int]], k: int = 10) -> dict[str, float]:
+    """Dense nDCG@k of each query with a text, for paired comparisons of two models."""
+    query_ids = [qid for qid in qrels if qid in queries]
+    rankings = _rankings(embed_queries, index, [queries[qid] for qid in query_ids], k)
+    return {qid: ndcg_at_k(ranked, qrels[qid], k) for qid, ranked in zip(query_ids, rankings)}
+
+
+def noise_tolerance(candidate: Mapping[str, float], champion: Mapping[str, float], epsilon: float,
+                    z: float = 2.0) -> float:
+    """How far a candidate's mean may trail on a paired query set before it counts as worse:
+    epsilon, or z standard errors of the per-query differences when the set is small and noisy.
+
+    The forgetting subset holds the few dozen gate queries a window did not touch; on so few
+    queries one of them moving two ranks shifts the mean by more than epsilon, and a fixed
+    epsilon rejected good candidates for noise. Real forgetting is a drop well beyond it.
+    """
+    shared = [qid for qid in candidate if qid in champion]
+    if len(shared) < 2:
+        return epsilon
+    differences = np.array([candidate[qid] - champion[qid] for qid in shared])
+    return max(epsilon, z * float(differences.std(ddof=1)) / math.sqrt(len(shared)))
+
+
 def holdout_mrr(embed_queries: EmbedQueries, index: Index, examples: list[TrainingExample],
                 k: int = 10, window: list[TrainingExample] = ()) -> float:
     """MRR@k of the documents users chose for each held-out query: the gate for what users want.
@@ -75,8 +99,9 @@ def forgetting_subset(qrels: Mapping[str, Mapping[str, int]],
 
 
 def decide(candidate: Mapping[str, float], champion: Mapping[str, float],
-           epsilon: float = GateConfig.epsilon) -> GateDecision:
-    """Pass if, on every metric both sides report, candidate >= champion - epsilon.
+           epsilon: float = GateConfig.epsilon, tolerances: Mapping[str, float] | None = None) -> GateDecision:
+    """Pass if, on every metric both sides report, candidate >= champion - tolerance, where the
+    tolerance is epsilon unless ``tolerances`` names another for that metric.
 
     Names ending in "queries" are counts, not quality, and are not compared; a gate that
     compares nothing fails, since it has shown nothing.
@@ -86,11 +111,12 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float],
         return GateDecision(False, ["no metric in common with the champion"])
     reasons, passed = [], True
     for name in sorted(names):
-        ours, floor = candidate[name], champion[name] - epsilon
+        tolerance = (tolerances or {}).get(name, epsilon)
+        ours, floor = candidate[name], champion[name] - tolerance
         ok = not math.isnan(ours) and ours >= floor
         passed &= ok
         reasons.append(f"{name}: {ours:.4f} {'>=' if ok else '<'} {floor:.4f} "
-                       f"(champion {champion[name]:.4f} - {epsilon})")
+                       f"(champion {champion[name]:.4f} - {tolerance:.4f})")
     return GateDecision(passed, reasons)
 
 

@@ -9,7 +9,8 @@ into the next one):
 3. score candidate and champion on the gate set, on the held-out slice and on gate
    queries outside the window's topics (forgetting);
 4. log the run to MLflow; register the candidate and give it the ``challenger`` alias only
-   if it is nowhere worse than the champion by more than epsilon, else record the rejection;
+   if it is nowhere worse than the champion by more than epsilon (on the small forgetting
+   subset: by more than its noise, see ``gate.noise_tolerance``), else record the rejection;
 5. add the window to the replay reservoir (a file in the data dir, logged with every run);
 6. commit the request's offsets.
 """
@@ -32,7 +33,8 @@ from autoglm import beir, topics
 from autoglm.encoder import Encoder
 from autoglm.interactions import TrainingRequest
 from consumers.finetune import TrainConfig, fine_tune
-from consumers.gate import GateConfig, decide, evaluate, forgetting_subset, holdout_mrr
+from consumers.gate import (GateConfig, decide, evaluate, forgetting_subset, holdout_mrr, noise_tolerance,
+                           per_query_ndcg)
 from consumers.replay import ReplayBuffer
 from feedback.examples import TrainingExample
 from feedback.store import ExampleStore
@@ -40,6 +42,8 @@ from registry.models import CHALLENGER, CHAMPION, ModelRegistry
 from search.protocol import Index
 
 log = logging.getLogger(__name__)
+
+FORGETTING = "forgetting.ndcg@10"
 
 TRAININGS = Counter("autoglm_trainings", "Trainings by outcome (registered, rejected, failed, skipped)", ["outcome"])
 TRIGGER_TO_VERSION = Histogram("autoglm_trigger_to_version_seconds", "From a window's training request to "
@@ -116,13 +120,14 @@ class Trainer:
             if self.config.train.corpus_negatives else {}
         result = fine_tune(champion, fit, replay, self.index.vectors, self.config.train, corpus=corpus)
         candidate = Encoder(state_dict=result.state_dict, version="candidate")
-        candidate_metrics = self._score(candidate, held_out, examples)
-        champion_metrics = self._score(champion, held_out, examples)
+        candidate_metrics, candidate_outside = self._score(candidate, held_out, examples)
+        champion_metrics, champion_outside = self._score(champion, held_out, examples)
         gated = set(candidate_metrics)
         if len({e.query.lower() for e in held_out}) < self.config.min_holdout_queries:
             gated.discard("holdout.mrr@10")
+        tolerances = {FORGETTING: noise_tolerance(candidate_outside, champion_outside, self.config.gate.epsilon)}
         decision = decide({k: v for k, v in candidate_metrics.items() if k in gated}, champion_metrics,
-                          self.config.gate.epsilon)
+                          self.config.gate.epsilon, tolerances)
 
         self.replay.add(fit)
         self.replay.save(self.reservoir_path)
@@ -157,8 +162,10 @@ class Trainer:
         return outcome
 
     def _score(self, encoder: Encoder, held_out: list[TrainingExample],
-               window: list[TrainingExample]) -> dict[str, float]:
+               window: list[TrainingExample]) -> tuple[dict[str, float], dict[str, float]]:
+        """Gate metrics, and the per-query nDCG of the forgetting subset (for its noise tolerance)."""
         scores: dict[str, float] = {}
+        outside_ndcg: dict[str, float] = {}
         if held_out:
             scores["holdout.mrr@10"] = holdout_mrr(encoder.embed, self.index, held_out, window=window)
         if self.gate_set:
@@ -168,9 +175,9 @@ class Trainer:
                                                      self.gate_set.qrels, hybrid=self.config.gate)["ndcg@10"]
             outside = forgetting_subset(self.gate_set.qrels, window)
             if outside:
-                scores["forgetting.ndcg@10"] = evaluate(encoder.embed, self.index, self.gate_set.queries,
-                                                        outside)["ndcg@10"]
-        return scores
+                outside_ndcg = per_query_ndcg(encoder.embed, self.index, self.gate_set.queries, outside)
+                scores[FORGETTING] = float(np.mean(list(outside_ndcg.values())))
+        return scores, outside_ndcg
 
 
 def split_holdout(examples: list[TrainingExample], share: float) -> tuple[list, list]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -57,6 +57,30 @@ class FusedRanker:
                                       k=self.rrf_k, limit=k)
 
 
+@runtime_checkable
+class HybridIndex(Protocol):
+    """A backend that fuses BM25 and vector results itself (Elasticsearch's RRF retriever)."""
+
+    def search_hybrid(self, query: str, vector: np.ndarray, k: int, weights: FusionWeights, rrf_k: int,
+                      window: int) -> list[Hit]:
+        ...
+
+
+@dataclass
+class BackendHybridRanker:
+    """Hybrid search as one backend request instead of two rankers fused here."""
+
+    index: HybridIndex
+    embed_query: Callable[[str], np.ndarray]
+    weights: FusionWeights
+    rrf_k: int = 60
+    candidates: int = 100
+
+    def rank(self, query: str, k: int) -> list[Hit]:
+        return self.index.search_hybrid(query, self.embed_query(query), k, self.weights, self.rrf_k,
+                                        max(k, self.candidates))
+
+
 @dataclass(frozen=True)
 class SearchResult:
     query_id: str
@@ -76,9 +100,11 @@ class SearchService:
 
     def rankers(self, encoder: QueryEncoder) -> dict[str, Ranker]:
         bm25, dense = BM25Ranker(self.index), DenseRanker(self.index, encoder.embed_one)
-        return {"bm25": bm25, "dense": dense,
-                "hybrid": FusedRanker([bm25, dense], [self.weights.bm25, self.weights.dense], self.rrf_k,
-                                      self.candidates)}
+        hybrid: Ranker = FusedRanker([bm25, dense], [self.weights.bm25, self.weights.dense], self.rrf_k,
+                                     self.candidates)
+        if isinstance(self.index, HybridIndex):
+            hybrid = BackendHybridRanker(self.index, encoder.embed_one, self.weights, self.rrf_k, self.candidates)
+        return {"bm25": bm25, "dense": dense, "hybrid": hybrid}
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", session_id: str | None = None) -> SearchResult:
         """One answer, from the arm the session (or, without one, this query) is routed to."""

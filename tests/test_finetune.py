@@ -12,7 +12,7 @@ import torch
 
 from autoglm.encoder import Encoder
 from consumers.finetune import TrainConfig, _Candidates, fine_tune
-from consumers.gate import GateConfig, decide, evaluate, forgetting_subset, holdout_mrr
+from consumers.gate import GateConfig, decide, evaluate, forgetting_subset, holdout_mrr, noise_tolerance
 from consumers.replay import ReplayBuffer
 from feedback.examples import TrainingExample
 from tests.scifact_problem import SCIFACT, TRAINED_QUERIES, make_example, problem  # noqa: F401 (fixture)
@@ -68,7 +68,7 @@ def test_batches_draw_the_replay_share_from_older_examples(run):
 
 def test_the_same_seed_gives_the_same_run_and_missing_positives_are_skipped(problem):
     window = problem.window[:7] + [make_example("gone", "a deleted document", "no-such-doc")]
-    config = TrainConfig(lr=5e-5, batch_size=4, replay_ratio=0.25, seed=3)
+    config = TrainConfig(lr=5e-5, batch_size=4, replay_ratio=0.25, epochs=1, seed=3)
     first, second = (fine_tune(problem.encoder, window, problem.replay, problem.index.vectors, config,
                                progress=False) for _ in range(2))
     assert (first.examples_used, first.steps, first.window_items, first.replay_items) == (7, 3, 7, 3)
@@ -149,3 +149,19 @@ def test_replay_buffer_survives_save_and_load(tmp_path):
     buffer.add(more)
     loaded.add(more)
     assert loaded.items() == buffer.items()  # the random state travels with the buffer
+
+
+def test_forgetting_tolerance_grows_with_the_noise_of_a_small_subset():
+    rng = np.random.default_rng(4)
+    champion = {f"q{i}": float(v) for i, v in enumerate(rng.uniform(0, 1, 40))}
+    noisy = {qid: min(1.0, max(0.0, v + rng.normal(0, 0.3))) for qid, v in champion.items()}
+    steady = {qid: v - 0.001 for qid, v in champion.items()}
+    eps = GateConfig().epsilon
+    assert noise_tolerance(noisy, champion, eps) > 5 * eps  # 40 queries moving a lot: wide
+    assert noise_tolerance(steady, champion, eps) == eps  # identical moves: epsilon itself
+    assert noise_tolerance({"q1": 0.5}, champion, eps) == eps  # too few to estimate
+    decision = decide({"forgetting.ndcg@10": 0.60, "gate.ndcg@10": 0.70},
+                      {"forgetting.ndcg@10": 0.62, "gate.ndcg@10": 0.70}, eps, {"forgetting.ndcg@10": 0.03})
+    assert decision.passed and "0.0300" in decision.reasons[0]
+    assert not decide({"forgetting.ndcg@10": 0.58}, {"forgetting.ndcg@10": 0.62}, eps,
+                      {"forgetting.ndcg@10": 0.03}).passed

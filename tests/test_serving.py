@@ -7,6 +7,8 @@ The alias moves are made with MlflowClient against a real `mlflow server`: the s
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 
@@ -124,6 +126,13 @@ def serves(worker: WorkerProcess, version: str, timeout: float, session: str | N
     return time.monotonic() - started
 
 
+def cli(*arguments: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "autoglm.cli", *arguments], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def start_follower(broker, mlflow_server, tmp_path, *options: str) -> WorkerProcess:
     return WorkerProcess(broker, tmp_path / "data", tmp_path / "worker.log",
                          ["--cdc-topics", r"^cdc\.serving\.", "--mlflow-uri", mlflow_server.url,
@@ -182,6 +191,21 @@ def test_promotion_by_polling_without_webhooks(broker, mlflow_server, versions, 
         registry.set_alias(CHAMPION, versions["tuned"])
         took = serves(worker, versions["tuned"], 3 + 8)  # one poll interval, plus loading the version
         print(f"\npolling promotion to /search: {took:.2f} s (poll every 3 s)")
+
+        # The command line: list, roll back to the predecessor the worker recorded, promote again.
+        listing = cli("models", "--api", worker.api)
+        assert f"champion: {version_uri(versions['tuned'])}" in listing and "gate nDCG@10" in listing
+        rolled = cli("rollback", "--api", worker.api, "--reason", "test")
+        assert f"champion version {versions['tuned']} replaced by version {versions['base']}" in rolled
+        serves(worker, versions["base"], 3 + 8)
+        assert registry.version_tags(versions["tuned"])["autoglm.rollback"] == "manual: test"
+        cli("promote", versions["tuned"], "--api", worker.api)
+        serves(worker, versions["tuned"], 3 + 8)
+
+        # No champion alias at all: the base model serves.
+        registry.delete_alias(CHAMPION)
+        wait_until(lambda: answer(worker)["model_version"] == "base:all-MiniLM-L6-v2", 3 + 8, 0.05,
+                   "the base model to serve without a champion")
     finally:
         worker.stop()
         registry.set_alias(CHAMPION, versions["base"])

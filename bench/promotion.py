@@ -1,0 +1,182 @@
+"""Promotion benchmark: how fast search follows an MLflow alias, and how traffic splits.
+
+One run, one machine, real parts: an embedded broker, a local `mlflow server`, one worker.
+Three versions of autoglm-query-encoder are registered (different weights). Then:
+
+1. webhook, cold: the champion alias moves to a version no arm has loaded (download, load,
+   swap; the ONNX compile follows in the background);
+2. webhook, warm: a version serves as challenger first, then is promoted (the usual flow);
+3. polling only (a second worker, --no-webhooks, --alias-poll 5): the champion alias moves;
+4. the challenger's share of 4,000 searches from 1,000 sessions (bm25 mode, impressions off),
+   and whether any session saw both arms.
+
+Each promotion is timed from the REST call that moves the alias (what the UI sends) to the first
+/search answer from the new version. Targets (issue 4): webhook <= 2 s; polling <= one poll
+interval (plus the load); share 5% +- 1.5 points, sticky per session.
+
+    .venv/bin/python bench/promotion.py [--repeats 5] [--out bench/results/promotion.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from autoglm.broker import EmbeddedBroker, free_port  # noqa: E402
+from autoglm.encoder import Encoder  # noqa: E402
+from autoglm.process import die_with_parent  # noqa: E402
+from registry.models import CHALLENGER, CHAMPION, ModelRegistry, version_uri  # noqa: E402
+from registry.server import MlflowServer  # noqa: E402
+
+POLL_S = 5.0
+
+
+class Worker:
+    def __init__(self, broker: str, mlflow: str, data_dir: Path, *options: str):
+        self.port = free_port()
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "autoglm.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
+             "--api-port", str(self.port), "--cdc-topics", r"^cdc\.promotion\.", "--mlflow-uri", mlflow,
+             "--group-id", f"promotion-{data_dir.name}", *options],
+            stdout=subprocess.DEVNULL, stderr=open(data_dir.parent / f"{data_dir.name}.log", "w"),
+            preexec_fn=die_with_parent)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("worker not healthy after 180 s")
+
+    def answer(self, session: str | None = None, mode: str = "dense") -> dict:
+        params = {"q": "promotion latency", "k": 3, "mode": mode, "log": "false"}
+        return self.client.get("/search", params={**params, **({"session": session} if session else {})}).json()
+
+    def seconds_until(self, version: str, session: str | None = None, timeout: float = 60.0) -> float:
+        started = time.perf_counter()
+        while self.answer(session)["model_version"] != version_uri(version):
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError(f"version {version} not served after {timeout} s")
+            time.sleep(0.02)
+        return time.perf_counter() - started
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def register_versions(registry: ModelRegistry, count: int) -> list[str]:
+    state = Encoder().model.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    versions = []
+    for _ in range(count):
+        weights = {name: tensor + 0.01 * torch.randn(tensor.shape, generator=generator)
+                   if tensor.dtype.is_floating_point else tensor for name, tensor in state.items()}
+        run_id = registry.log_training({"lr": 1e-5}, [1.0], {"gate.ndcg@10": 0.7}, {"parent_version": "base"}, weights)
+        versions.append(registry.register(run_id, {"gate": "passed"}))
+    return versions
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "promotion.json")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="autoglm-promotion-"))
+    results: dict = {"repeats": args.repeats, "poll_seconds": POLL_S}
+    with EmbeddedBroker() as broker:
+        server = MlflowServer(scratch).start()
+        try:
+            registry = ModelRegistry(server.url)
+            versions = register_versions(registry, 3)
+            registry.set_alias(CHAMPION, versions[0])
+            worker = Worker(broker.address, server.url, scratch / "webhooks", "--alias-poll", "600")
+            cold, warm = [], []
+            in_canary = next(f"s{n}" for n in range(10_000) if _canary(f"s{n}"))
+            for repeat in range(args.repeats):
+                target = versions[1 + repeat % 2]
+                registry.set_alias(CHAMPION, target)
+                cold.append(worker.seconds_until(target))
+                time.sleep(4)  # the background compile finishes, as it would between promotions
+                other = versions[0]
+                registry.set_alias(CHALLENGER, other)
+                worker.seconds_until(other, session=in_canary)
+                time.sleep(4)
+                registry.set_alias(CHAMPION, other)
+                warm.append(worker.seconds_until(other))
+                registry.delete_alias(CHALLENGER)
+                registry.set_alias(CHAMPION, versions[0])
+                worker.seconds_until(versions[0])
+            results["webhook_cold_seconds"], results["webhook_warm_seconds"] = cold, warm
+
+            registry.set_alias(CHALLENGER, versions[1])
+            worker.seconds_until(versions[1], session=in_canary)
+            arms: dict[str, set[str]] = {}
+            for search in range(4000):
+                session = f"user-{search % 1000}"
+                arms.setdefault(session, set()).add(worker.answer(session, mode="bm25")["arm"])
+            results["canary_share"] = sum("challenger" in a for a in arms.values()) / len(arms)
+            results["sessions_on_both_arms"] = sum(len(a) > 1 for a in arms.values())
+            registry.delete_alias(CHALLENGER)
+            worker.stop()
+
+            polled = Worker(broker.address, server.url, scratch / "polling", "--no-webhooks",
+                            "--alias-poll", str(POLL_S))
+            polling = []
+            for repeat in range(args.repeats):
+                target = versions[1 + repeat % 2]
+                registry.set_alias(CHAMPION, target)
+                polling.append(polled.seconds_until(target))
+                time.sleep(4)
+            results["polling_seconds"] = polling
+            polled.stop()
+        finally:
+            server.stop()
+    report(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _canary(session: str) -> bool:
+    from search.serving import sticky_point
+
+    return sticky_point(session) < 0.05
+
+
+def report(results: dict) -> None:
+    table = Table(title="Promotion: alias move (REST) -> first /search answer from the new version")
+    for column in ("measure", "median", "max", "target"):
+        table.add_column(column)
+    for name, key, target in (("webhook, cold version", "webhook_cold_seconds", 2.0),
+                              ("webhook, challenger promoted", "webhook_warm_seconds", 2.0),
+                              (f"polling every {POLL_S:.0f} s", "polling_seconds", POLL_S)):
+        values = results[key]
+        table.add_row(name, f"{statistics.median(values):.2f} s", f"{max(values):.2f} s",
+                      f"<= {target:.0f} s {'ok' if max(values) <= target else 'MISSED'}")
+    share = results["canary_share"]
+    table.add_row("challenger share (1,000 sessions)", f"{share:.1%}", f"{results['sessions_on_both_arms']} "
+                  "sessions saw both arms", f"5% +- 1.5 {'ok' if abs(share - 0.05) <= 0.015 else 'MISSED'}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
