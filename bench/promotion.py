@@ -11,8 +11,9 @@ Three versions of autoglm-query-encoder are registered (different weights). Then
    and whether any session saw both arms.
 
 Each promotion is timed from the REST call that moves the alias (what the UI sends) to the first
-/search answer from the new version. Targets (issue 4): webhook <= 2 s; polling <= one poll
-interval (plus the load); share 5% +- 1.5 points, sticky per session.
+/search answer from the new version. Targets (issue 4): webhook <= 2 s; polling: noticed within
+one poll interval, so <= the interval plus the slowest cold load of the same run; share
+5% +- 1.5 points, sticky per session. `--report FILE` prints the table of an earlier run.
 
     .venv/bin/python bench/promotion.py [--repeats 5] [--out bench/results/promotion.json]
 """
@@ -98,7 +99,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "promotion.json")
+    parser.add_argument("--report", type=Path, help="only print the table of a results file")
     args = parser.parse_args()
+    if args.report:
+        report(json.loads(args.report.read_text()))
+        return 0
     scratch = Path(tempfile.mkdtemp(prefix="autoglm-promotion-"))
     results: dict = {"repeats": args.repeats, "poll_seconds": POLL_S}
     with EmbeddedBroker() as broker:
@@ -166,12 +171,15 @@ def report(results: dict) -> None:
     table = Table(title="Promotion: alias move (REST) -> first /search answer from the new version")
     for column in ("measure", "median", "max", "target"):
         table.add_column(column)
+    # Polling notices a move within one interval; the version then loads as in the cold webhook
+    # case, so its target is the interval plus the slowest cold load measured in this run.
+    load = max(results["webhook_cold_seconds"])
     for name, key, target in (("webhook, cold version", "webhook_cold_seconds", 2.0),
                               ("webhook, challenger promoted", "webhook_warm_seconds", 2.0),
-                              (f"polling every {POLL_S:.0f} s", "polling_seconds", POLL_S)):
+                              (f"polling every {POLL_S:.0f} s", "polling_seconds", POLL_S + load)):
         values = results[key]
         table.add_row(name, f"{statistics.median(values):.2f} s", f"{max(values):.2f} s",
-                      f"<= {target:.0f} s {'ok' if max(values) <= target else 'MISSED'}")
+                      f"<= {target:.1f} s {'ok' if max(values) <= target else 'MISSED'}")
     share = results["canary_share"]
     table.add_row("challenger share (1,000 sessions)", f"{share:.1%}", f"{results['sessions_on_both_arms']} "
                   "sessions saw both arms", f"5% +- 1.5 {'ok' if abs(share - 0.05) <= 0.015 else 'MISSED'}")
