@@ -32,6 +32,7 @@ test: setup system
 bench: setup
 	$(BIN)/python bench/ingest.py --dataset ../shared/data/scifact
 	$(BIN)/python bench/learning.py --dataset ../shared/data/scifact
+	$(BIN)/python bench/promotion.py
 
 clean:
 	rm -rf $(VENV) autoglm-data

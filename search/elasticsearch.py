@@ -12,8 +12,11 @@ external-version delete is forgotten after ``index.gc_deletes`` and a late, olde
 then resurrect the row. Every query filters tombstones out.
 
 Commit protocol (``write_batch`` buffers, ``commit`` does the work, in this order):
-1. bulk-write the buffered actions, retrying transport errors with backoff; version conflicts
-   are stale writes and ignored; any other item failure raises ``BulkWriteFailed`` before step 2;
+1. bulk-write the buffered actions, retrying transport errors and 429s with backoff; version
+   conflicts are stale writes and ignored; items refused for good (other 4xx, e.g. a mapping
+   error) raise ``RefusedChanges`` and any other item failure ``BulkWriteFailed``, both before
+   step 3, so the batch's offsets are not recorded (the caller dead-letters refused changes and
+   commits again without them);
 2. refresh the documents index if the refresh policy asks for it (``wait_for`` / ``true``);
 3. write the offsets document with ``refresh=wait_for``.
 The caller commits Kafka offsets only after this returns.
@@ -34,7 +37,7 @@ import numpy as np
 
 from autoglm.settings import FusionWeights
 from search.fusion import reciprocal_rank_fusion
-from search.protocol import Deletion, Document, Hit, StoredState, Upsert
+from search.protocol import Deletion, Document, Hit, RefusedChanges, StoredState, Upsert
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +218,22 @@ class ElasticsearchIndex:
         reuse = [u.document.id for u in upserts if u.vector is None]
         stored = self._stored_vectors(reuse)
         actions = bulk_actions(self.alias, upserts, deletions, stored, int(time.time() * 1000))
-        failures = []
+        refused, failures = {}, []
         for ok, item in streaming_bulk(self.client, actions, raise_on_error=False, raise_on_exception=True,
                                        max_retries=5, initial_backoff=0.5, max_backoff=10):
             result = next(iter(item.values()))
-            if not ok and result.get("status") != STALE_WRITE:
+            status = result.get("status", 0)
+            if ok or status == STALE_WRITE:
+                continue
+            if 400 <= status < 500 and status != 429:
+                refused[result.get("_id")] = json.dumps(result.get("error"))[:1000]
+            else:
                 failures.append(result)
+        self._pending = ([], []) if not failures else self._pending  # a transient failure: resend all
         if failures:
             raise BulkWriteFailed(failures)
-        self._pending = ([], [])
+        if refused:
+            raise RefusedChanges(refused)
         if self.refresh in ("true", "wait_for"):
             self.client.indices.refresh(index=self.alias)
         merged = {**self.committed_offsets(), **offsets}
@@ -231,7 +241,7 @@ class ElasticsearchIndex:
                           refresh="wait_for")
 
     def committed_offsets(self) -> dict[str, int]:
-        found = self.client.options(ignore_status=404).get(index=self.offsets_index, id="offsets")
+        found = self.client.options(ignore_status=404).get(index=self.offsets_index, id="offsets").body
         return dict(found["_source"]["offsets"]) if found.get("found") else {}
 
     # -- read side -------------------------------------------------------------------------

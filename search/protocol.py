@@ -10,7 +10,10 @@ Contract, checked by ``tests/conformance.py`` for every backend:
 - ``commit`` records the consumer offsets together with the data, so that
   ``committed_offsets`` after a restart names the first record not yet applied;
 - an upsert whose ``vector`` is None keeps the document's stored vector;
-- ids of deleted documents are never returned by ``get`` or by searches.
+- ids of deleted documents are never returned by ``get`` or by searches;
+- ``commit`` may raise ``RefusedChanges`` for items the backend refuses for good (a document
+  its mapping rejects, say): the other items are applied, but no offsets are recorded, so the
+  caller can dead-letter the refused ones and commit the batch again without them.
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ class StoredState:
     position: Position
     deleted: bool
     content_hash: str | None
+
+
+class RefusedChanges(Exception):
+    """Some changes of a batch were refused for good: doc id -> the backend's reason."""
+
+    def __init__(self, reasons: Mapping[str, str]):
+        self.reasons = dict(reasons)
+        super().__init__(f"{len(self.reasons)} changes refused, e.g. {next(iter(self.reasons.items()), '')}")
 
 
 @dataclass(frozen=True)

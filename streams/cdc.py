@@ -23,7 +23,7 @@ import faust
 from autoglm import metrics, topics
 from autoglm.events import BadEvent, Op, parse_change
 from autoglm.settings import Settings
-from search.protocol import Deletion
+from search.protocol import Deletion, RefusedChanges
 from streams.dead_letters import DeadLetters
 from streams.ingest import Change, IngestSink, Truncate
 from streams.mapping import Mapper
@@ -100,7 +100,22 @@ class CdcProcessor:
                     await self._until_done("dead-letter delivery",
                                            lambda: self.dead_letters.send(pending.event.message, pending.error))
             changes = [p.change for p in batch if p.change is not None]
-            await self._until_done("ingest", lambda: loop.run_in_executor(None, self.sink.apply, changes, offsets))
+
+            async def apply() -> None:
+                """Apply the batch; changes the index refuses for good become dead letters and
+                the rest is applied again (the retry in _until_done)."""
+                nonlocal changes
+                try:
+                    await loop.run_in_executor(None, self.sink.apply, changes, offsets)
+                except RefusedChanges as refused:
+                    for pending in batch:
+                        reason = refused.reasons.get(getattr(pending.change, "id", None))
+                        if reason is not None:
+                            await self.dead_letters.send(pending.event.message, f"index refused the change: {reason}")
+                    changes = [c for c in changes if getattr(c, "id", None) not in refused.reasons]
+                    raise
+
+            await self._until_done("ingest", apply)
             for pending in batch:
                 await self._stream.ack(pending.event)
 
