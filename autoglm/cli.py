@@ -177,7 +177,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 class ApiError(RuntimeError):
-    pass
+    """The API (or the registry behind it) could not do what a command asked; main() prints it."""
 
 
 def _get_json(api: str, path: str) -> dict:
@@ -192,11 +192,7 @@ def _get_json(api: str, path: str) -> dict:
 
 def cmd_search(args: argparse.Namespace) -> int:
     query = urllib.parse.urlencode({"q": args.text, "k": args.k, "mode": args.mode})
-    try:
-        result = _get_json(args.api, f"/search?{query}")
-    except ApiError as exc:
-        print(f"autoglm: {exc}", file=sys.stderr)
-        return 1
+    result = _get_json(args.api, f"/search?{query}")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -210,11 +206,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Versions with aliases and gate metrics, the arms serving now, and per-arm online metrics."""
-    try:
-        overview = _get_json(args.api, "/models")
-    except ApiError as exc:
-        print(f"autoglm: {exc}", file=sys.stderr)
-        return 1
+    overview = _get_json(args.api, "/models")
     if args.json:
         print(json.dumps(overview, indent=2))
         return 0
@@ -249,12 +241,7 @@ def _registry(args: argparse.Namespace):
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Point an alias (champion by default) at a version: what a person does in the MLflow UI."""
-    try:
-        registry = _registry(args)
-        registry.set_alias(args.alias, args.version)
-    except ApiError as exc:
-        print(f"autoglm: {exc}", file=sys.stderr)
-        return 1
+    _registry(args).set_alias(args.alias, args.version)
     print(f"{args.alias} -> version {args.version}; serving follows within seconds (webhook) "
           f"or one alias poll")
     return 0
@@ -265,9 +252,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     try:
         print(roll_back(_registry(args), reason=f"manual: {args.reason}"))
-    except (ApiError, LookupError) as exc:
-        print(f"autoglm: {exc}", file=sys.stderr)
-        return 1
+    except LookupError as exc:
+        raise ApiError(str(exc)) from None
     return 0
 
 
@@ -442,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("AUTOGLM_LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ApiError as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
