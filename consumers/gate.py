@@ -27,7 +27,8 @@ EmbedQueries = Callable[[list[str]], np.ndarray]  # e.g. Encoder.embed
 
 @dataclass(frozen=True)
 class GateConfig:
-    epsilon: float = 0.005  # a candidate may trail the champion by this much (noise), no more
+    epsilon: float = 0.005  # a candidate may trail the champion by this much (noise), no more...
+    noise_z: float = 2.0  # ... or by this many standard errors of the paired differences (0: epsilon only)
     fusion_weights: FusionWeights = FusionWeights()  # the hybrid mode as serving runs it
     rrf_k: int = 60
 
@@ -42,33 +43,34 @@ def evaluate(embed_queries: EmbedQueries, index: Index, queries: Mapping[str, st
              qrels: Mapping[str, Mapping[str, int]], k: int = 10, hybrid: GateConfig | None = None) -> dict[str, float]:
     """nDCG@k and MRR@k over the qrels' queries (those with a text): dense retrieval, or the
     hybrid fusion that ``hybrid`` configures."""
+    scores = per_query(embed_queries, index, queries, qrels, k, hybrid)
+    return {name: _mean(list(values.values())) for name, values in scores.items()} | \
+        {"queries": len(scores[f"ndcg@{k}"])}
+
+
+def per_query(embed_queries: EmbedQueries, index: Index, queries: Mapping[str, str],
+              qrels: Mapping[str, Mapping[str, int]], k: int = 10,
+              hybrid: GateConfig | None = None) -> dict[str, dict[str, float]]:
+    """nDCG@k and MRR@k of each query with a text, for paired comparisons of two models."""
     query_ids = [qid for qid in qrels if qid in queries]
     rankings = _rankings(embed_queries, index, [queries[qid] for qid in query_ids], k, hybrid)
-    ndcg = [ndcg_at_k(ranked, qrels[qid], k) for qid, ranked in zip(query_ids, rankings)]
-    mrr = [_reciprocal_rank(ranked, {d for d, rel in qrels[qid].items() if rel > 0})
-           for qid, ranked in zip(query_ids, rankings)]
-    return {f"ndcg@{k}": _mean(ndcg), f"mrr@{k}": _mean(mrr), "queries": len(query_ids)}
-
-
-def per_query_ndcg(embed_queries: EmbedQueries, index: Index, queries: Mapping[str, str],
-                   qrels: Mapping[str, Mapping[str, int]], k: int = 10) -> dict[str, float]:
-    """Dense nDCG@k of each query with a text, for paired comparisons of two models."""
-    query_ids = [qid for qid in qrels if qid in queries]
-    rankings = _rankings(embed_queries, index, [queries[qid] for qid in query_ids], k)
-    return {qid: ndcg_at_k(ranked, qrels[qid], k) for qid, ranked in zip(query_ids, rankings)}
+    return {f"ndcg@{k}": {qid: ndcg_at_k(ranked, qrels[qid], k) for qid, ranked in zip(query_ids, rankings)},
+            f"mrr@{k}": {qid: _reciprocal_rank(ranked, {d for d, rel in qrels[qid].items() if rel > 0})
+                         for qid, ranked in zip(query_ids, rankings)}}
 
 
 def noise_tolerance(candidate: Mapping[str, float], champion: Mapping[str, float], epsilon: float,
                     z: float = 2.0) -> float:
     """How far a candidate's mean may trail on a paired query set before it counts as worse:
-    epsilon, or z standard errors of the per-query differences when the set is small and noisy.
+    epsilon, or z standard errors of the per-query differences, whichever is larger.
 
-    The forgetting subset holds the few dozen gate queries a window did not touch; on so few
-    queries one of them moving two ranks shifts the mean by more than epsilon, and a fixed
-    epsilon rejected good candidates for noise. Real forgetting is a drop well beyond it.
+    A gate set of ~150 queries (and, more so, the few dozen of the forgetting subset) is noisy:
+    one query moving two ranks shifts a mean by more than epsilon, and a fixed epsilon rejected
+    good candidates for noise. A regression that matters is larger than the noise; the base
+    model's floor (``decide``'s caller) keeps noise from adding up over many versions.
     """
     shared = [qid for qid in candidate if qid in champion]
-    if len(shared) < 2:
+    if len(shared) < 2 or z <= 0:
         return epsilon
     differences = np.array([candidate[qid] - champion[qid] for qid in shared])
     return max(epsilon, z * float(differences.std(ddof=1)) / math.sqrt(len(shared)))
@@ -76,7 +78,12 @@ def noise_tolerance(candidate: Mapping[str, float], champion: Mapping[str, float
 
 def holdout_mrr(embed_queries: EmbedQueries, index: Index, examples: list[TrainingExample],
                 k: int = 10, window: list[TrainingExample] = ()) -> float:
-    """MRR@k of the documents users chose for each held-out query: the gate for what users want.
+    return _mean(list(holdout_reciprocal_ranks(embed_queries, index, examples, k, window).values()))
+
+
+def holdout_reciprocal_ranks(embed_queries: EmbedQueries, index: Index, examples: list[TrainingExample],
+                             k: int = 10, window: list[TrainingExample] = ()) -> dict[str, float]:
+    """Reciprocal rank of the documents users chose, per held-out query text: the gate for what users want.
 
     A query text's chosen documents are its positives among the held-out examples and the
     ``window`` they came from: ranking another chosen document first is not a miss.
@@ -86,7 +93,7 @@ def holdout_mrr(embed_queries: EmbedQueries, index: Index, examples: list[Traini
         chosen.setdefault(example.query.lower(), set()).add(example.positive_id)
     texts = sorted({e.query.lower(): e.query for e in examples}.items())
     rankings = _rankings(embed_queries, index, [query for _, query in texts], k)
-    return _mean([_reciprocal_rank(ranked, chosen[key]) for (key, _), ranked in zip(texts, rankings)])
+    return {key: _reciprocal_rank(ranked, chosen[key]) for (key, _), ranked in zip(texts, rankings)}
 
 
 def forgetting_subset(qrels: Mapping[str, Mapping[str, int]],

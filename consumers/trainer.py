@@ -33,8 +33,8 @@ from autoglm import beir, topics
 from autoglm.encoder import Encoder
 from autoglm.interactions import TrainingRequest
 from consumers.finetune import TrainConfig, fine_tune
-from consumers.gate import (GateConfig, decide, evaluate, forgetting_subset, holdout_mrr, noise_tolerance,
-                           per_query_ndcg)
+from consumers.gate import (GateConfig, GateDecision, decide, forgetting_subset, holdout_reciprocal_ranks,
+                           noise_tolerance, per_query)
 from consumers.replay import ReplayBuffer
 from feedback.examples import TrainingExample
 from feedback.store import ExampleStore
@@ -44,6 +44,9 @@ from search.protocol import Index
 log = logging.getLogger(__name__)
 
 FORGETTING = "forgetting.ndcg@10"
+HOLDOUT = "holdout.mrr@10"
+BASE_FLOORED = ("gate.ndcg@10", "gate.hybrid.ndcg@10")
+PerQuery = dict[str, dict[str, float]]  # metric -> query -> score
 
 TRAININGS = Counter("autoglm_trainings", "Trainings by outcome (registered, rejected, failed, skipped)", ["outcome"])
 TRIGGER_TO_VERSION = Histogram("autoglm_trigger_to_version_seconds", "From a window's training request to "
@@ -101,6 +104,7 @@ class Trainer:
         self.gate_set, self.config, self.on_new_champion = gate_set, config, on_new_champion
         self.reservoir_path = reservoir_path
         self.replay = ReplayBuffer.load(reservoir_path) if reservoir_path.exists() else ReplayBuffer()
+        self._base: PerQuery | None = None
 
     def train(self, windows: list[int]) -> TrainingOutcome | None:
         """None when this store holds no example of the windows (another worker's request)."""
@@ -120,14 +124,10 @@ class Trainer:
             if self.config.train.corpus_negatives else {}
         result = fine_tune(champion, fit, replay, self.index.vectors, self.config.train, corpus=corpus)
         candidate = Encoder(state_dict=result.state_dict, version="candidate")
-        candidate_metrics, candidate_outside = self._score(candidate, held_out, examples)
-        champion_metrics, champion_outside = self._score(champion, held_out, examples)
-        gated = set(candidate_metrics)
-        if len({e.query.lower() for e in held_out}) < self.config.min_holdout_queries:
-            gated.discard("holdout.mrr@10")
-        tolerances = {FORGETTING: noise_tolerance(candidate_outside, champion_outside, self.config.gate.epsilon)}
-        decision = decide({k: v for k, v in candidate_metrics.items() if k in gated}, champion_metrics,
-                          self.config.gate.epsilon, tolerances)
+        candidate_scores = self._score(candidate, held_out, examples)
+        champion_scores = self._score(champion, held_out, examples)
+        candidate_metrics, champion_metrics = _means(candidate_scores), _means(champion_scores)
+        decision = self._decide(candidate_scores, champion_scores, held_out)
 
         self.replay.add(fit)
         self.replay.save(self.reservoir_path)
@@ -161,23 +161,53 @@ class Trainer:
                  f"registered version {version}" if version else f"rejected ({'; '.join(decision.reasons)})")
         return outcome
 
-    def _score(self, encoder: Encoder, held_out: list[TrainingExample],
-               window: list[TrainingExample]) -> tuple[dict[str, float], dict[str, float]]:
-        """Gate metrics, and the per-query nDCG of the forgetting subset (for its noise tolerance)."""
-        scores: dict[str, float] = {}
-        outside_ndcg: dict[str, float] = {}
+    def _decide(self, candidate: PerQuery, champion: PerQuery, held_out: list[TrainingExample]) -> GateDecision:
+        """Not worse than the champion on any metric beyond its noise, and not below the base
+        model on the gate set's nDCG (dense and hybrid) at all, so small allowed losses cannot
+        add up over versions."""
+        epsilon = self.config.gate.epsilon
+        gated = set(candidate)
+        if len({e.query.lower() for e in held_out}) < self.config.min_holdout_queries:
+            gated.discard(HOLDOUT)
+        tolerances = {name: noise_tolerance(candidate[name], champion[name], epsilon, self.config.gate.noise_z)
+                      for name in gated if name in champion}
+        versus_champion = decide({name: _mean(candidate[name]) for name in gated}, _means(champion), epsilon,
+                                 tolerances)
+        if not self.gate_set:
+            return versus_champion
+        floors = {name: value for name, value in _means(self._base_scores()).items() if name in BASE_FLOORED}
+        versus_base = decide({name: _mean(candidate[name]) for name in floors}, floors, 0.0)
+        return GateDecision(versus_champion.passed and versus_base.passed,
+                            versus_champion.reasons + [f"base floor {reason}" for reason in versus_base.reasons])
+
+    def _base_scores(self) -> PerQuery:
+        """The base model's gate scores, computed once: the floor no version may go below."""
+        if self._base is None:
+            self._base = self._score(Encoder(), [], [])
+        return self._base
+
+    def _score(self, encoder: Encoder, held_out: list[TrainingExample], window: list[TrainingExample]) -> PerQuery:
+        """Per-query scores of every gate metric (metric -> query -> value)."""
+        scores: PerQuery = {}
         if held_out:
-            scores["holdout.mrr@10"] = holdout_mrr(encoder.embed, self.index, held_out, window=window)
+            scores[HOLDOUT] = holdout_reciprocal_ranks(encoder.embed, self.index, held_out, window=window)
         if self.gate_set:
-            gate = evaluate(encoder.embed, self.index, self.gate_set.queries, self.gate_set.qrels)
-            scores["gate.ndcg@10"], scores["gate.mrr@10"] = gate["ndcg@10"], gate["mrr@10"]
-            scores["gate.hybrid.ndcg@10"] = evaluate(encoder.embed, self.index, self.gate_set.queries,
-                                                     self.gate_set.qrels, hybrid=self.config.gate)["ndcg@10"]
+            dense = per_query(encoder.embed, self.index, self.gate_set.queries, self.gate_set.qrels)
+            scores["gate.ndcg@10"], scores["gate.mrr@10"] = dense["ndcg@10"], dense["mrr@10"]
+            scores["gate.hybrid.ndcg@10"] = per_query(encoder.embed, self.index, self.gate_set.queries,
+                                                      self.gate_set.qrels, hybrid=self.config.gate)["ndcg@10"]
             outside = forgetting_subset(self.gate_set.qrels, window)
             if outside:
-                outside_ndcg = per_query_ndcg(encoder.embed, self.index, self.gate_set.queries, outside)
-                scores[FORGETTING] = float(np.mean(list(outside_ndcg.values())))
-        return scores, outside_ndcg
+                scores[FORGETTING] = per_query(encoder.embed, self.index, self.gate_set.queries, outside)["ndcg@10"]
+        return scores
+
+
+def _mean(values: dict[str, float]) -> float:
+    return float(np.mean(list(values.values()))) if values else float("nan")
+
+
+def _means(scores: PerQuery) -> dict[str, float]:
+    return {name: _mean(values) for name, values in scores.items()}
 
 
 def split_holdout(examples: list[TrainingExample], share: float) -> tuple[list, list]:

@@ -30,10 +30,10 @@ def setup(problem, tmp_path):
     store.close()
 
 
-def trainer(problem, setup, epsilon: float) -> Trainer:
+def trainer(problem, setup, epsilon: float, noise_z: float = 2.0) -> Trainer:
     store, registry, gate, reservoir = setup
     return Trainer(problem.index, store, registry, reservoir, gate,
-                   TrainerConfig(train=TRAIN, gate=GateConfig(epsilon=epsilon)))
+                   TrainerConfig(train=TRAIN, gate=GateConfig(epsilon=epsilon, noise_z=noise_z)))
 
 
 def test_a_better_candidate_is_registered_as_challenger_with_lineage(problem, setup):
@@ -54,7 +54,7 @@ def test_a_better_candidate_is_registered_as_challenger_with_lineage(problem, se
 
 def test_a_rejected_candidate_registers_nothing(problem, setup):
     _, registry, _, _ = setup
-    impossible = trainer(problem, setup, epsilon=-1.0)  # must beat the champion by a full point
+    impossible = trainer(problem, setup, epsilon=-1.0, noise_z=0.0)  # must beat the champion by a full point
     outcome = impossible.train([1])
     assert not outcome.passed and outcome.version is None and outcome.reasons
     assert registry.versions() == [] and registry.version_for(CHALLENGER) is None
