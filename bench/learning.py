@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autoglm.demo import run_demo
+from autoglm.settings import DEMO_LEARNING_RATE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, help="only the first N documents (default: the whole corpus)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--window-size", type=int, default=1000)
+    parser.add_argument("--learning-rate", type=float, default=DEMO_LEARNING_RATE,
+                        help="default %(default)s: the demo's, tuned on the dev split")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
 
@@ -39,7 +42,8 @@ def main() -> None:
     out = Path(args.out)
     try:
         result = run_demo(Path(args.dataset), data_dir, rounds=args.rounds, window=args.window_size,
-                          docs=args.docs, out=data_dir / "results", report_test=True)
+                          docs=args.docs, out=data_dir / "results", report_test=True,
+                          learning_rate=args.learning_rate)
     finally:
         shutil.rmtree(data_dir / "index", ignore_errors=True)
     base, last = result.rounds[0], result.rounds[-1]
