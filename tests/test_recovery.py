@@ -3,6 +3,8 @@
 import random
 import signal
 
+import pytest
+
 from autoglm.debezium import change_event, producer
 from autoglm.settings import Settings
 from autoglm.topics import ensure_topics
@@ -63,9 +65,17 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_adds_nothing(broker, s
     kafka.flush(10)
     wait_until(lambda: restarted.document("crash.items:marker"), 300, 0.2, "the end-of-stream marker")
 
-    live = {doc_id: restarted.document(doc_id) for doc_id in (f"crash.items:{pk}" for pk in range(KEYS))}
-    titles = {doc_id: doc["title"] for doc_id, doc in live.items() if doc is not None}
-    assert titles == expected
+    def titles() -> dict[str, str]:
+        live = {doc_id: restarted.document(doc_id) for doc_id in (f"crash.items:{pk}" for pk in range(KEYS))}
+        return {doc_id: doc["title"] for doc_id, doc in live.items() if doc is not None}
+
+    # The marker proves only its own partition done; the other partitions may still be catching
+    # up on a loaded machine. Anything lost never arrives, and the comparison below shows it.
+    try:
+        wait_until(lambda: titles() == expected, 120, 1.0, "every partition to catch up")
+    except pytest.fail.Exception:
+        pass  # the assertion below shows what differs
+    assert titles() == expected
     assert restarted.metric("autoglm_documents") == len(expected) + 1
     # What was durable before the kill is replayed as duplicates, not embedded again
     # (the batch in flight at the kill, at most batch_max changes, may be embedded twice).
