@@ -12,6 +12,7 @@ of several lengths (padded batches included); a mismatch raises instead of servi
 
 from __future__ import annotations
 
+import copy
 import io
 import threading
 import warnings
@@ -22,7 +23,7 @@ import onnxruntime
 import torch
 from transformers import AutoModel
 
-from autoglm.encoder import Encoder, base_model_path
+from autoglm.encoder import Encoder
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 PROBE_TEXTS = (
@@ -84,7 +85,9 @@ class _LastHiddenState(torch.nn.Module):
 
 def export_onnx(encoder: Encoder) -> bytes:
     """The encoder's weights as an ONNX graph with dynamic batch and sequence axes."""
-    model = AutoModel.from_pretrained(str(base_model_path()), attn_implementation="eager").eval()
+    # The same architecture with eager attention, built from a copy of the config (the encoder's
+    # own stays as it is): no second read of the weights from disk.
+    model = AutoModel.from_config(copy.deepcopy(encoder.model.config), attn_implementation="eager").eval()
     model.load_state_dict(encoder.model.state_dict())
     example = encoder.tokenizer(["an example query"], return_tensors="pt")
     graph = io.BytesIO()

@@ -229,9 +229,9 @@ class ElasticsearchIndex:
                 refused[result.get("_id")] = json.dumps(result.get("error"))[:1000]
             else:
                 failures.append(result)
-        self._pending = ([], []) if not failures else self._pending  # a transient failure: resend all
         if failures:
-            raise BulkWriteFailed(failures)
+            raise BulkWriteFailed(failures)  # transient: the pending actions stay, all are resent
+        self._pending = ([], [])
         if refused:
             raise RefusedChanges(refused)
         if self.refresh in ("true", "wait_for"):
