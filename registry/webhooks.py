@@ -57,6 +57,11 @@ def register_receiver(tracking_uri: str, name: str, url: str, secret: str) -> st
 
 
 def unregister_receiver(tracking_uri: str, webhook_id: str) -> None:
+    """One quick attempt, at shutdown: `autoglm up` stops its MLflow server at the same time, and
+    the client's default retries would hold the worker past its stop deadline. A webhook left
+    behind is replaced at the next start (same name)."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # the process is exiting; read per request
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "2"
     MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).delete_webhook(webhook_id)
 
 
