@@ -17,6 +17,7 @@ import pytest
 
 from autoglm.broker import EmbeddedBroker, free_port
 from autoglm.metrics import sample_value
+from autoglm.process import die_with_parent
 from autoglm.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +59,9 @@ class WorkerProcess:
                    "--data-dir", str(data_dir), "--api-port", str(self.port),
                    "--group-id", group_for(data_dir), *extra_args]
         self.log = open(log_path, "ab")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        # Dies with the test process: a fixture that fails half-way must not leave a worker behind.
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                        preexec_fn=die_with_parent)
 
     def wait_healthy(self, timeout: float = 120.0) -> "WorkerProcess":
         def healthy():

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from autoglm.process import die_with_parent
 from tests.conftest import WorkerProcess, wait_until
 from tests.postgres import PostgresCluster
 
@@ -32,7 +33,7 @@ class CdcProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "autoglm.cli", "cdc", "postgres", "--dsn", postgres.dsn, "--tables", "public.notes",
              "--topic-prefix", "cdc.pg", "--broker", broker, "--data-dir", str(data_dir), "--slot", "autoglm_test"],
-            stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+            stdout=open(log_path, "a"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.process.send_signal(sig)
