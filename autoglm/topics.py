@@ -15,8 +15,9 @@ DEAD_LETTERS = "autoglm.dlq"
 IMPRESSIONS = "autoglm.impressions"
 FEEDBACK = "autoglm.feedback"
 TRAINING = "autoglm.training"
+CLOCK = "autoglm.clock"  # empty ticks that wake the feedback processor when no events come
 
-PLATFORM_TOPICS = (DEAD_LETTERS, IMPRESSIONS, FEEDBACK, TRAINING)
+PLATFORM_TOPICS = (DEAD_LETTERS, IMPRESSIONS, FEEDBACK, TRAINING, CLOCK)
 
 
 def admin_client(broker: str) -> AdminClient:

@@ -9,7 +9,9 @@ query_id lives in a Faust table (changelog-backed, so it survives a restart):
 - a feedback event is deduplicated by event_id; a positive one becomes a training example;
 - an interaction expires ``impression_ttl_s`` after it opened; feedback still without an
   impression after ``feedback_max_wait_s`` goes to the dead-letter topic. Faust lets only a
-  stream modify a table, so expiry runs in the agent, at most once a second.
+  stream modify a table, so expiry runs in the agent, at most once a second. When no events
+  come, a timer sends an empty tick to ``autoglm.clock``, which the agent also reads, so
+  interactions still settle and expire in a quiet period.
 
 An interaction also counts, once, in the online metrics of the arm that answered it
 (feedback/online.py; a second table keyed by model version and arm, read through ``online()``),
@@ -69,14 +71,19 @@ class FeedbackProcessor:
         self._online: dict[tuple[str, str], ArmStats] = {}
         self._last_sweep = 0.0
         self._started_at = time.time()
-        source = app.topic(topics.IMPRESSIONS, topics.FEEDBACK, key_serializer="raw", value_serializer="raw")
+        source = app.topic(topics.IMPRESSIONS, topics.FEEDBACK, topics.CLOCK,
+                           key_serializer="raw", value_serializer="raw")
+        self.clock = app.topic(topics.CLOCK, key_serializer="raw", value_serializer="raw")
         app.agent(source, name="feedback-join")(self._join)
+        app.timer(_EXPIRY_SWEEP_S)(self._tick_when_idle)
         app.timer(10.0)(self._close_window_on_time)
 
     async def _join(self, stream) -> None:
         async for event in stream.events():
             await self._expire()
             message = event.message
+            if message.topic == topics.CLOCK:
+                continue
             kind = "impression" if message.topic == topics.IMPRESSIONS else "feedback"
             try:
                 parsed = (Impression if kind == "impression" else Feedback).model_validate_json(message.value)
@@ -189,6 +196,11 @@ class FeedbackProcessor:
                 del self.interactions[query_id]
             elif state["impression"] is not None and age > self.settings.impression_ttl_s:
                 del self.interactions[query_id]
+
+    async def _tick_when_idle(self) -> None:
+        """Wake the agent when interactions wait to settle or expire and no event has come for a while."""
+        if time.time() - self._last_sweep > 2 * _EXPIRY_SWEEP_S and len(self.interactions):
+            await self.clock.send(key=b"tick", value=b"")
 
     async def _close_window_on_time(self) -> None:
         last = self.store.last_window()

@@ -233,16 +233,20 @@ def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflo
     try:
         wait_until(lambda: worker.document(f"serving.notes:{len(subjects)}"), 60, 0.2, "the notes to be indexed")
 
-        def users(count: int, first: int) -> None:
+        def users(count: int, first: int) -> int:
+            """Search and click as count users would; return how many answers the challenger gave."""
+            challenger_answers = 0
             for n in range(first, first + count):
                 pk = n % len(subjects) + 1
                 result = worker.client.get("/search", params={"q": subjects[pk - 1], "k": 10, "mode": "dense"},
                                            headers={"X-Session-Id": f"reader-{n}"}).json()
+                challenger_answers += result["arm"] == CHALLENGER
                 if result["hits"] and result["hits"][0]["id"] == f"serving.notes:{pk}":
                     feedback = {"event_id": str(uuid.uuid4()), "query_id": result["query_id"],
                                 "doc_id": result["hits"][0]["id"], "type": "click", "position": 1,
                                 "session_id": f"reader-{n}"}
                     assert worker.client.post("/feedback", json=feedback).status_code == 202
+            return challenger_answers
 
         def online(version: str, arm: str) -> int:
             rows = worker.client.get("/models").json()["online"]
@@ -253,9 +257,11 @@ def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflo
         registry.set_alias(CHALLENGER, versions["same"])
         wait_until(lambda: worker.client.get("/models").json()["arms"]["challenger"] == version_uri(versions["same"]),
                    10, 0.1, "the equal challenger to serve")
-        users(400, 0)
-        # about 200 each; the last second's wait for a later event to settle them
-        wait_until(lambda: online(versions["same"], CHALLENGER) >= 120, 30, 0.5, "the challenger's impressions")
+        challenger_answers = users(400, 0)
+        assert 150 <= challenger_answers <= 250  # sticky by session, half the sessions
+        # Every answer settles --online-settle after it was joined, with no later traffic to wake the processor.
+        wait_until(lambda: online(versions["same"], CHALLENGER) == challenger_answers, 30, 0.5,
+                   "every challenger impression to settle")
         wait_until(lambda: "challenger" in (worker.client.get("/models").json()["canary"] or "")
                    and "too few" not in worker.client.get("/models").json()["canary"], 10, 0.2,
                    "the guard to compare the arms")
