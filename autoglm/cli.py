@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from autoglm.settings import DEMO_LEARNING_RATE, Settings
+from autoglm.settings import DEMO_LEARNING_RATE, DEMO_TRAIN_SECONDS, Settings
 
 DEFAULT_API = "http://127.0.0.1:8000"
 
@@ -28,7 +28,8 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     feedback_max_wait_s=args.feedback_max_wait, mlflow_uri=args.mlflow_uri,
                     gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
                     promote_champion=args.promote_champion, query_runtime=args.query_runtime,
-                    challenger_share=args.challenger_share, learning_rate=args.learning_rate, alias_poll_s=args.alias_poll,
+                    challenger_share=args.challenger_share, learning_rate=args.learning_rate,
+                    train_max_seconds=args.train_seconds, alias_poll_s=args.alias_poll,
                     webhooks=not args.no_webhooks, online_settle_s=args.online_settle,
                     index_backend=args.index, es_url=args.es_url, es_index=args.es_index,
                     cdc_topics=args.cdc_topics,
@@ -52,6 +53,8 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="seconds feedback waits for its impression (default %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
                         help="AdamW learning rate of each window's fine-tuning (default %(default)s)")
+    parser.add_argument("--train-seconds", type=float, default=defaults.train_max_seconds,
+                        help="time limit of one fine-tuning run (default %(default)s)")
     parser.add_argument("--gate-dataset", help="BEIR folder whose train dev split gates every candidate model")
     parser.add_argument("--promote-champion", action="store_true",
                         help="let the trainer move the champion alias itself (demo; normally a person does)")
@@ -134,7 +137,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
     command += ["--query-runtime", args.query_runtime, "--challenger-share", str(args.challenger_share),
                 "--alias-poll", str(args.alias_poll), "--online-settle", str(args.online_settle),
-                "--index", args.index, "--es-index", args.es_index, "--learning-rate", str(args.learning_rate)]
+                "--index", args.index, "--es-index", args.es_index, "--learning-rate", str(args.learning_rate),
+                "--train-seconds", str(args.train_seconds)]
     command += ["--es-url", args.es_url] if args.es_url else []
     command += ["--no-webhooks"] if args.no_webhooks else []
     command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []
@@ -318,8 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from autoglm.demo import run_demo
 
     run_demo(Path(args.dataset), Path(args.data_dir), rounds=args.rounds, window=args.window_size,
-             learning_rate=args.learning_rate,
-             docs=args.docs, out=Path(args.out))
+             learning_rate=args.learning_rate, train_seconds=args.train_seconds, docs=args.docs, out=Path(args.out))
     return 0
 
 
@@ -423,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--window-size", type=int, default=1000)
     demo.add_argument("--learning-rate", type=float, default=DEMO_LEARNING_RATE,
                       help="fine-tuning learning rate (default %(default)s: tuned on the dev split, see bench/README.md)")
+    demo.add_argument("--train-seconds", type=float, default=DEMO_TRAIN_SECONDS,
+                      help="time limit of one fine-tuning run (default %(default)s: a version within 120 s)")
     demo.add_argument("--docs", type=int, help="only the first N documents (a faster, smaller demo)")
     demo.add_argument("--out", default="./autoglm-demo/results")
     demo.set_defaults(func=cmd_demo)

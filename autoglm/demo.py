@@ -26,7 +26,7 @@ from autoglm import beir
 from autoglm.broker import free_port
 from autoglm.datasets import corpus_id, publish_corpus
 from autoglm.metrics import sample_value
-from autoglm.settings import DEMO_LEARNING_RATE
+from autoglm.settings import DEMO_LEARNING_RATE, DEMO_TRAIN_SECONDS
 from autoglm.simulate import simulate
 
 
@@ -100,13 +100,13 @@ class UpProcess:
 
 def run_demo(dataset: Path, data_dir: Path, rounds: int, window: int, docs: int | None,
              out: Path, max_searches_per_round: int = 20_000, report_test: bool = False,
-             learning_rate: float = DEMO_LEARNING_RATE) -> DemoResult:
+             learning_rate: float = DEMO_LEARNING_RATE, train_seconds: float = DEMO_TRAIN_SECONDS) -> DemoResult:
     """Run the loop; with report_test, the test split is scored for the base and the final model
     and shown only at the end (nothing is tuned on it)."""
     port = free_port()
     up = UpProcess(["--data-dir", str(data_dir), "--api-port", str(port), "--cdc-topics", r"^cdc\.beir\.",
                     "--window-size", str(window), "--gate-dataset", str(dataset), "--promote-champion",
-                    "--learning-rate", str(learning_rate)])
+                    "--learning-rate", str(learning_rate), "--train-seconds", str(train_seconds)])
     try:
         broker, mlflow, api = up.address("broker"), up.address("mlflow"), up.address("api")
         print(f"broker {broker} · MLflow UI {mlflow} · API {api}")

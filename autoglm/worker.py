@@ -136,7 +136,8 @@ def start_trainer(settings: Settings, index, examples, registry, follower):
     if settings.gate_dataset:
         gate = GateSet.dev_split(settings.gate_dataset, lambda cid: document_id(settings.gate_dataset, cid))
     trainer = Trainer(index, examples, registry, settings.data_dir / "feedback" / "replay.json", gate,
-                      TrainerConfig(train=TrainConfig(lr=settings.learning_rate), gate=GateConfig(fusion_weights=settings.fusion_weights, rrf_k=settings.rrf_k),
+                      TrainerConfig(train=TrainConfig(lr=settings.learning_rate, max_seconds=settings.train_max_seconds),
+                                    gate=GateConfig(fusion_weights=settings.fusion_weights, rrf_k=settings.rrf_k),
                                     promote_champion=settings.promote_champion), on_new_champion=follower.sync)
     return TrainingConsumer(settings.broker, trainer, group_id=f"{settings.group_id}-trainer").start()
 

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autoglm.demo import run_demo
-from autoglm.settings import DEMO_LEARNING_RATE
+from autoglm.settings import DEMO_LEARNING_RATE, DEMO_TRAIN_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--window-size", type=int, default=1000)
     parser.add_argument("--learning-rate", type=float, default=DEMO_LEARNING_RATE,
                         help="default %(default)s: the demo's, tuned on the dev split")
+    parser.add_argument("--train-seconds", type=float, default=DEMO_TRAIN_SECONDS,
+                        help="time limit of one fine-tuning run (default %(default)s, the demo's)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
 
@@ -43,7 +45,7 @@ def main() -> None:
     try:
         result = run_demo(Path(args.dataset), data_dir, rounds=args.rounds, window=args.window_size,
                           docs=args.docs, out=data_dir / "results", report_test=True,
-                          learning_rate=args.learning_rate)
+                          learning_rate=args.learning_rate, train_seconds=args.train_seconds)
     finally:
         shutil.rmtree(data_dir / "index", ignore_errors=True)
     base, last = result.rounds[0], result.rounds[-1]

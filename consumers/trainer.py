@@ -4,15 +4,17 @@ For each request (a window of examples; requests that arrive during a run are co
 into the next one):
 
 1. load the current champion from MLflow, or the base encoder when there is none;
-2. hold out a slice of the window, fine-tune the query side on the rest plus a replay
+2. add the newest earlier windows the champion has not learned from (a rejected window's
+   clicks are not thrown away), up to ``max_windows`` in all;
+3. hold out a slice of the windows, fine-tune the query side on the rest plus a replay
    sample of older examples (documents stay frozen, so promotion needs no re-indexing);
-3. score candidate and champion on the gate set, on the held-out slice and on gate
+4. score candidate and champion on the gate set, on the held-out slice and on gate
    queries outside the window's topics (forgetting);
-4. log the run to MLflow; register the candidate and give it the ``challenger`` alias only
+5. log the run to MLflow; register the candidate and give it the ``challenger`` alias only
    if it is nowhere worse than the champion by more than epsilon (on the small forgetting
    subset: by more than its noise, see ``gate.noise_tolerance``), else record the rejection;
-5. add the window to the replay reservoir (a file in the data dir, logged with every run);
-6. commit the request's offsets.
+6. add the new windows to the replay reservoir (a file in the data dir, logged with every run);
+7. commit the request's offsets.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class TrainerConfig:
     # A held-out slice with fewer distinct queries is logged but does not gate: one query
     # moving one rank would swing its MRR by more than any sensible epsilon.
     min_holdout_queries: int = 30
+    # A training fits the request's windows plus the newest earlier ones its champion has not
+    # learned from (rejected, or registered but never promoted), up to this many windows in all:
+    # one window of clicks is often too little to beat the gate's noise, and two are.
+    max_windows: int = 2
     promote_champion: bool = False  # demo only: a person normally moves the champion alias
 
 
@@ -109,13 +115,15 @@ class Trainer:
     def train(self, windows: list[int]) -> TrainingOutcome | None:
         """None when this store holds no example of the windows (another worker's request)."""
         started = time.monotonic()
-        examples = [example for window in windows for example in self.store.examples_in(window)]
-        if not examples:
+        new_examples = [example for window in windows for example in self.store.examples_in(window)]
+        if not new_examples:
             log.warning("windows %s hold no examples in this store: nothing to train", windows)
             return None
-        fit, held_out = split_holdout(examples, self.config.holdout_share)
         champion_version = self.registry.version_for(CHAMPION)
         champion = self.registry.load_encoder(champion_version) if champion_version else Encoder()
+        carried = self._carried_windows(champion_version, windows)
+        examples = [example for window in carried for example in self.store.examples_in(window)] + new_examples
+        fit, held_out = split_holdout(examples, self.config.holdout_share)
 
         # Enough replayed items for replay_ratio of every batch, drawn from the reservoir.
         replay_size = int(len(fit) * self.config.train.epochs * self.config.train.replay_ratio) + 1
@@ -129,11 +137,13 @@ class Trainer:
         candidate_metrics, champion_metrics = _means(candidate_scores), _means(champion_scores)
         decision = self._decide(candidate_scores, champion_scores, held_out)
 
-        self.replay.add(fit)
+        self.replay.add(split_holdout(new_examples, self.config.holdout_share)[0])  # carried ones are in already
         self.replay.save(self.reservoir_path)
         metrics = {**{f"candidate.{k}": v for k, v in candidate_metrics.items()},
                    **{f"champion.{k}": v for k, v in champion_metrics.items()}}
-        lineage = {"windows": ",".join(map(str, windows)), "parent_version": champion_version or "base",
+        trained = sorted({*carried, *windows})
+        lineage = {"windows": ",".join(map(str, trained)), "carried_windows": ",".join(map(str, carried)),
+                   "parent_version": champion_version or "base",
                    "examples": str(len(examples)), "examples_trained": str(result.examples_used),
                    "examples_held_out": str(len(held_out)), "replay_seen": str(self.replay.seen),
                    "gate_set": self.gate_set.name if self.gate_set else "none"}
@@ -157,9 +167,20 @@ class Trainer:
             self.registry.record_rejection(run_id, "; ".join(decision.reasons), metrics)
         outcome = TrainingOutcome(windows, run_id, decision.passed, version, decision.reasons, metrics,
                                   time.monotonic() - started)
-        log.info("training on windows %s: %s", windows,
+        log.info("training on windows %s: %s", trained,
                  f"registered version {version}" if version else f"rejected ({'; '.join(decision.reasons)})")
         return outcome
+
+    def _carried_windows(self, champion_version: str | None, windows: list[int]) -> list[int]:
+        """The newest windows before ``windows`` and after the last one the champion was trained
+        on, so that a rejected window's clicks count again in the next training."""
+        room = self.config.max_windows - len(windows)
+        if room <= 0:
+            return []
+        trained = self.registry.version_tags(champion_version).get("windows", "") if champion_version else ""
+        learned = max((int(w) for w in trained.split(",") if w), default=0)
+        earlier = [w for w in range(min(windows) - 1, learned, -1) if w not in windows]
+        return sorted(earlier[:room])
 
     def _decide(self, candidate: PerQuery, champion: PerQuery, held_out: list[TrainingExample]) -> GateDecision:
         """Not worse than the champion on any metric beyond its noise, and not below the base

@@ -77,3 +77,25 @@ def test_the_replay_buffer_survives_across_windows_and_restarts(problem, setup):
     assert registry.client.get_run(second.run_id).data.tags["lineage.replay_seen"] == str(restarted.replay.seen)
     artifacts = [a.path for a in registry.client.list_artifacts(second.run_id, "extras")]
     assert "extras/replay.json" in artifacts  # the reservoir is versioned with the run
+
+
+def test_a_rejected_window_is_trained_again_with_the_next_one(problem, setup):
+    store, registry, _, _ = setup
+    rejected = trainer(problem, setup, epsilon=-1.0, noise_z=0.0).train([1])
+    assert not rejected.passed
+    half = len(problem.replay) // 2
+    for window in (problem.replay[:half], problem.replay[half:]):
+        store.add(window)
+        store.close_window("size", max_session_share=1.0)
+    second = trainer(problem, setup, epsilon=1.0).train([2])
+    lineage = registry.client.get_run(second.run_id).data.tags
+    assert lineage["lineage.windows"] == "1,2" and lineage["lineage.carried_windows"] == "1"
+    assert int(lineage["lineage.examples"]) == len(problem.window) + half
+    assert registry.version_tags(second.version)["windows"] == "1,2"
+
+    # Once the champion has learned windows 1 and 2, window 3 trains alone: nothing is carried twice.
+    registry.set_alias(CHAMPION, second.version)
+    third = trainer(problem, setup, epsilon=1.0).train([3])
+    lineage = registry.client.get_run(third.run_id).data.tags
+    assert lineage["lineage.windows"] == "3" and lineage["lineage.carried_windows"] == ""
+    assert lineage["lineage.parent_version"] == second.version
