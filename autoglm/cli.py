@@ -29,7 +29,8 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
                     promote_champion=args.promote_champion, query_runtime=args.query_runtime,
                     challenger_share=args.challenger_share, learning_rate=args.learning_rate,
-                    train_max_seconds=args.train_seconds, alias_poll_s=args.alias_poll,
+                    train_max_seconds=args.train_seconds, propensities=args.propensities,
+                    alias_poll_s=args.alias_poll,
                     webhooks=not args.no_webhooks, online_settle_s=args.online_settle,
                     index_backend=args.index, es_url=args.es_url, es_index=args.es_index,
                     cdc_topics=args.cdc_topics,
@@ -55,6 +56,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="AdamW learning rate of each window's fine-tuning (default %(default)s)")
     parser.add_argument("--train-seconds", type=float, default=defaults.train_max_seconds,
                         help="time limit of one fine-tuning run (default %(default)s)")
+    parser.add_argument("--propensities", choices=("prior", "log"), default=defaults.propensities,
+                        help="click propensities per rank: the prior 1/rank^0.8, or estimated from the "
+                             "click log, which confounds them with relevance (default %(default)s)")
     parser.add_argument("--gate-dataset", help="BEIR folder whose train dev split gates every candidate model")
     parser.add_argument("--promote-champion", action="store_true",
                         help="let the trainer move the champion alias itself (demo; normally a person does)")
@@ -138,7 +142,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     command += ["--query-runtime", args.query_runtime, "--challenger-share", str(args.challenger_share),
                 "--alias-poll", str(args.alias_poll), "--online-settle", str(args.online_settle),
                 "--index", args.index, "--es-index", args.es_index, "--learning-rate", str(args.learning_rate),
-                "--train-seconds", str(args.train_seconds)]
+                "--train-seconds", str(args.train_seconds), "--propensities", args.propensities]
     command += ["--es-url", args.es_url] if args.es_url else []
     command += ["--no-webhooks"] if args.no_webhooks else []
     command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []

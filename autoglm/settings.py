@@ -56,6 +56,9 @@ class Settings:
     mlflow_uri: str | None = None
     learning_rate: float = 1e-5  # AdamW, query-side fine-tuning of each window
     train_max_seconds: float = 900.0  # a fine-tuning run stops before a step that would end later
+    # Click propensities per rank: "prior" (1 / rank ** 0.8) or "log" (click-through rate per rank
+    # relative to rank 1; confounded with relevance, see feedback/propensity.py).
+    propensities: str = "prior"
     gate_dataset: Path | None = None
     promote_champion: bool = False
     # How queries are encoded while serving: "onnx" (ONNX Runtime, checked against torch at

@@ -60,6 +60,7 @@ def main() -> None:
         if tuned_rounds else None,
         "trigger_to_version_max_seconds": max(latencies) if latencies else None,
         "registered_rounds": sum(r.outcome == "registered" for r in tuned_rounds),
+        "examples_store": str(data_dir / "feedback" / "examples.db"),  # for bench/replay_windows.py
         "targets": {"dense_gain_points": 3.0, "hybrid_min_minus_base_points": 0.0,
                     "trigger_to_version_seconds": 120.0},
     }

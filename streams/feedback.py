@@ -63,7 +63,8 @@ class FeedbackProcessor:
                  policy: ExamplePolicy = ExamplePolicy()):
         self.app, self.settings, self.store, self.policy = app, settings, store, policy
         shown, clicked = store.rank_stats()
-        self.bias = PositionBiasModel(shown=shown, clicked=clicked)
+        self.bias = PositionBiasModel(shown=shown, clicked=clicked,
+                                      estimate_from_log=settings.propensities == "log")
         self.dead_letters = DeadLetters(app)
         self.training = app.topic(topics.TRAINING, key_serializer="raw", value_serializer="raw")
         self.interactions = app.Table("interactions", default=None, partitions=1)

@@ -43,14 +43,16 @@ def test_inverse_propensity_weights_prior_estimate_and_clip():
     prior = PositionBiasModel(eta=1.0, estimate_from_log=False)
     assert prior.weight(1) == 1.0 and prior.weight(4) == pytest.approx(4.0)
     assert prior.weight(50) == pytest.approx(10.0)  # clipped at 1 / min_propensity
-    estimated = PositionBiasModel(min_impressions=100)
+    estimated = PositionBiasModel(min_impressions=100, estimate_from_log=True)
     for _ in range(1000):
         estimated.observe_impression(3)
     for rank, clicks in ((1, 400), (2, 200), (3, 100)):
         for _ in range(clicks):
             estimated.observe_click(rank)
     assert estimated.propensity(2) == pytest.approx(0.5) and estimated.weight(3) == pytest.approx(4.0)
-    sparse = PositionBiasModel(eta=1.0, min_impressions=100)
+    default = PositionBiasModel(eta=1.0, shown=estimated.shown, clicked=estimated.clicked)
+    assert default.weight(3) == pytest.approx(3.0)  # the same log, but the default is the prior
+    sparse = PositionBiasModel(eta=1.0, min_impressions=100, estimate_from_log=True)
     sparse.observe_impression(3)
     sparse.observe_click(3)
     assert sparse.propensity(3) == pytest.approx(1 / 3)  # too little log: the prior holds
