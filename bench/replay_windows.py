@@ -8,7 +8,10 @@ compare settings in minutes instead of a live run's quarter hour; per window it 
 gate's dev nDCG@10 (dense, hybrid) of candidate and champion and the decision.
 
     .venv/bin/python bench/replay_windows.py --examples PATH/examples.db [--lr 2e-5] [--epochs 2] \\
-        [--max-windows 2] [--windows 5]
+        [--max-windows 2] [--windows 5] [--propensities stored|prior|none]
+
+``--propensities`` keeps the weights the run stored (``stored``) or recomputes every example's
+weight from its rank: ``prior`` (1 / rank ** 0.8), ``none`` (weight 1).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,6 +32,8 @@ from autoglm.encoder import Encoder
 from autoglm.settings import DEMO_LEARNING_RATE
 from consumers.finetune import TrainConfig
 from consumers.trainer import GateSet, Trainer, TrainerConfig
+from feedback.examples import TrainingExample
+from feedback.propensity import PositionBiasModel
 from feedback.store import ExampleStore
 from registry.models import ModelRegistry
 from search.embedded import EmbeddedIndex
@@ -51,6 +57,18 @@ def open_index(dataset: Path, directory: Path, batch: int = 256) -> EmbeddedInde
     return index
 
 
+class ReweightedStore(ExampleStore):
+    """The recorded windows, each example weighted again by its rank under ``bias`` (None: weight 1)."""
+
+    def __init__(self, path: Path, bias: PositionBiasModel | None):
+        super().__init__(path)
+        self.bias = bias
+
+    def examples_in(self, window_id: int) -> list[TrainingExample]:
+        return [replace(e, weight=self.bias.weight(e.rank) if self.bias else 1.0)
+                for e in super().examples_in(window_id)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", required=True, help="a run's example store (feedback/examples.db)")
@@ -61,6 +79,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=DEMO_LEARNING_RATE)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--max-windows", type=int, default=TrainerConfig.max_windows)
+    parser.add_argument("--propensities", choices=("stored", "prior", "none"), default="stored",
+                        help="the run's stored weights (default), or recomputed from each rank")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "replay_windows.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -70,7 +90,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="autoglm-replay-"))
     try:
         shutil.copy(args.examples, work / "examples.db")  # the trainer writes nothing there, but stays off the original
-        store = ExampleStore(work / "examples.db")
+        store = ExampleStore(work / "examples.db") if args.propensities == "stored" else \
+            ReweightedStore(work / "examples.db", PositionBiasModel() if args.propensities == "prior" else None)
         registry = ModelRegistry(f"sqlite:///{work / 'mlflow.db'}", artifact_root=work / "artifacts")
         gate = GateSet.dev_split(dataset, lambda cid: document_id(dataset, cid))
         config = TrainerConfig(train=TrainConfig(lr=args.lr, epochs=args.epochs), max_windows=args.max_windows,
