@@ -141,7 +141,8 @@ class Trainer:
         candidate_metrics, champion_metrics = _means(candidate_scores), _means(champion_scores)
         decision = self._decide(candidate_scores, champion_scores, held_out)
 
-        self.replay.add(split_holdout(new_examples, self.config.holdout_share)[0])  # carried ones are in already
+        new_ids = {e.example_id for e in new_examples}
+        self.replay.add([e for e in fit if e.example_id in new_ids])  # carried ones are in already
         self.replay.save(self.reservoir_path)
         metrics = {**{f"candidate.{k}": v for k, v in candidate_metrics.items()},
                    **{f"champion.{k}": v for k, v in champion_metrics.items()}}
@@ -183,8 +184,7 @@ class Trainer:
             return []
         trained = self.registry.version_tags(champion_version).get("windows", "") if champion_version else ""
         learned = max((int(w) for w in trained.split(",") if w), default=0)
-        earlier = [w for w in range(min(windows) - 1, learned, -1) if w not in windows]
-        return sorted(earlier[:room])
+        return sorted(range(min(windows) - 1, learned, -1)[:room])
 
     def _decide(self, candidate: PerQuery, champion: PerQuery, held_out: list[TrainingExample]) -> GateDecision:
         """Not worse than the champion on any metric by more than epsilon (the small subsets: by
