@@ -173,7 +173,7 @@ def run_worker(settings: Settings) -> None:
     models, follower = start_serving(settings, registry)
     alias_hook, webhook_id = register_alias_hook(settings, follower)
 
-    app = create_faust_app(settings.group_id, settings)
+    app = create_faust_app(settings.group_id, settings, index.committed_offsets)
     processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
     examples = ExampleStore(settings.data_dir / "feedback" / "examples.db")
     feedback = FeedbackProcessor(app, settings, examples)

@@ -10,9 +10,20 @@ only when data reaches one of its partitions then holds new records on the other
 to that long (measured: ~550 ms per event on a 4-partition topic with the embedded broker).
 The consumer thread below lowers it, so an idle worker sees an event within milliseconds;
 an idle fetch costs one small request per ``FETCH_MAX_WAIT_MS``.
+
+Where a partition resumes: Faust seeks every assigned partition to the group's committed
+Kafka offset. A partition the sink has recorded a durable offset for (the index manifest,
+written before any Kafka commit) then moves to that offset instead: the sink's record is
+the truth about what the index holds. A Kafka offset that ran ahead of it (an index restored
+from a backup, offsets reset by hand, a partition that moved between workers) would
+otherwise skip records the index never applied; one that lags it would replay, and
+re-check, records already applied.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -20,6 +31,11 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from autoglm.settings import Settings
 
 FETCH_MAX_WAIT_MS = 50
+
+log = logging.getLogger(__name__)
+
+DurableOffsets = Callable[[], Mapping[str, int]]
+"""The sink's durable offsets, as ``{"topic:partition": next offset to read}``."""
 
 
 class _PromptConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -29,12 +45,35 @@ class _PromptConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
-class _PromptConsumer(faust_aiokafka.Consumer):
+class _Consumer(faust_aiokafka.Consumer):
+    """Faust's consumer with a prompt fetch thread, resuming at the sink's durable offsets."""
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _PromptConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def perform_seek(self) -> None:
+        """Seek to the committed Kafka offsets, then each partition the sink has a durable
+        offset for to that one (see the module docstring). Faust calls this after every
+        assignment and whenever it rewinds a paused consumer."""
+        await super().perform_seek()
+        durable = self.app.durable_offsets()
+        for tp in self.assignment():
+            offset = durable.get(f"{tp.topic}:{tp.partition}")
+            if offset is None:
+                continue
+            kafka_offset = self._committed_offset.get(tp)
+            if kafka_offset is not None and kafka_offset > offset:
+                log.warning("%s:%d resumes at offset %d, the last durable in the index, although the "
+                            "consumer group committed %d: records in between are read again",
+                            tp.topic, tp.partition, offset, kafka_offset)
+            await self.seek(tp, offset)
+            # Faust commits only offsets past the one it believes committed, and only once the
+            # acked offsets are contiguous with it: both now count from the durable offset.
+            self._committed_offset[tp] = offset
 
-def create_faust_app(app_id: str, settings: Settings) -> faust.App:
+
+def create_faust_app(app_id: str, settings: Settings, durable_offsets: DurableOffsets = dict) -> faust.App:
+    """The app, its consumer resuming partitions at ``durable_offsets()`` where it names them."""
     app = faust.App(
         app_id,
         broker=f"kafka://{settings.broker}",
@@ -52,5 +91,6 @@ def create_faust_app(app_id: str, settings: Settings) -> faust.App:
         # high watermarks and table recovery from changelogs silently loses records.
         producer_max_batch_size=1,
     )
-    app.transport.Consumer = _PromptConsumer
+    app.transport.Consumer = _Consumer
+    app.durable_offsets = durable_offsets  # read by _Consumer.perform_seek
     return app

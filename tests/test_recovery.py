@@ -1,6 +1,8 @@
-"""Crash recovery: kill -9 of the worker in the middle of a stream, then restart on the same data dir."""
+"""Recovery: kill -9 of the worker in the middle of a stream, and a data dir restored from a
+backup, each followed by a restart that must leave exactly the state the stream describes."""
 
 import random
+import shutil
 import signal
 
 import pytest
@@ -14,12 +16,13 @@ EVENTS = 2000
 KEYS = 400
 
 
-def scripted_events(seed: int = 7):
-    """2,000 creates, updates and deletes over 400 keys, and the final state they must leave."""
+def scripted_events(count: int = EVENTS, seed: int = 7):
+    """Creates, updates and deletes over 400 keys, and the final state they must leave
+    (the first n events are the same for every count)."""
     rng = random.Random(seed)
     final: dict[int, str | None] = {}
     events = []
-    for lsn in range(1, EVENTS + 1):
+    for lsn in range(1, count + 1):
         pk = rng.randrange(KEYS)
         if final.get(pk) and rng.random() < 0.2:
             events.append(change_event("d", "crash", "items", {"id": pk}, before={"id": pk}, lsn=lsn))
@@ -34,6 +37,19 @@ def scripted_events(seed: int = 7):
     return events, {f"crash.items:{pk}": title for pk, title in final.items() if title}
 
 
+def live_titles(worker) -> dict[str, str]:
+    """The title of every live document the scripted events can touch, as the worker serves it."""
+    live = {doc_id: worker.document(doc_id) for doc_id in (f"crash.items:{pk}" for pk in range(KEYS))}
+    return {doc_id: doc["title"] for doc_id, doc in live.items() if doc is not None}
+
+
+def publish_all(broker: str, topic: str, events) -> None:
+    kafka = producer(broker)
+    for key, value in events:
+        kafka.produce(topic, key=key, value=value)
+    kafka.flush(30)
+
+
 def test_kill_9_mid_stream_then_restart_loses_nothing_and_adds_nothing(broker, start_worker, tmp_path):
     topic = "cdc.crash.items"
     ensure_topics(broker, [topic], partitions=1)
@@ -42,10 +58,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_adds_nothing(broker, s
     only_this_topic = ["--cdc-topics", r"^cdc\.crash\."]  # the session's broker has other tests' topics
     worker = start_worker(data_dir, only_this_topic)
 
-    kafka = producer(broker)
-    for key, value in events:
-        kafka.produce(topic, key=key, value=value)
-    kafka.flush(30)
+    publish_all(broker, topic, events)
 
     # Kill once part of the stream is applied, but well before the end.
     def applied():
@@ -61,21 +74,11 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_adds_nothing(broker, s
     wait_until(lambda: restarted.client.get("/metrics").status_code == 200, 30)
     marker_key, marker = change_event("c", "crash", "items", {"id": "marker"},
                                       after={"id": "marker", "title": "end of stream"}, lsn=EVENTS + 1)
-    kafka.produce(topic, key=marker_key, value=marker)
-    kafka.flush(10)
+    publish_all(broker, topic, [(marker_key, marker)])
     wait_until(lambda: restarted.document("crash.items:marker"), 300, 0.2, "the end-of-stream marker")
 
-    def titles() -> dict[str, str]:
-        live = {doc_id: restarted.document(doc_id) for doc_id in (f"crash.items:{pk}" for pk in range(KEYS))}
-        return {doc_id: doc["title"] for doc_id, doc in live.items() if doc is not None}
-
-    # The marker proves only its own partition done; the other partitions may still be catching
-    # up on a loaded machine. Anything lost never arrives, and the comparison below shows it.
-    try:
-        wait_until(lambda: titles() == expected, 120, 1.0, "every partition to catch up")
-    except pytest.fail.Exception:
-        pass  # the assertion below shows what differs
-    assert titles() == expected
+    # The marker comes last in the partition: everything before it has been read.
+    assert live_titles(restarted) == expected, restarted.log_tail(60)
     assert restarted.metric("autoglm_documents") == len(expected) + 1
     # What was durable before the kill is replayed as duplicates, not embedded again
     # (the batch in flight at the kill, at most batch_max changes, may be embedded twice).
@@ -83,3 +86,38 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_adds_nothing(broker, s
     assert restarted.metric("autoglm_documents_embedded_total") <= EVENTS + 1 - applied_before_kill + in_flight
     hits = restarted.search_ids("item revision", mode="bm25", k=100)
     assert all(doc_id in expected or doc_id == "crash.items:marker" for doc_id in hits)
+
+
+def test_a_data_dir_restored_from_a_backup_catches_up_from_the_backups_own_offsets(broker, start_worker, tmp_path):
+    """The consumer group's Kafka offset is past the backup: resuming there would silently skip
+    every change made after the backup was taken."""
+    topic = "cdc.restore.items"
+    ensure_topics(broker, [topic], partitions=1)
+    first_half, state_at_backup = scripted_events(EVENTS // 2)
+    events, expected = scripted_events()
+    data_dir, backup = tmp_path / "data", tmp_path / "backup"
+    only_this_topic = ["--cdc-topics", r"^cdc\.restore\."]
+
+    worker = start_worker(data_dir, only_this_topic)
+    publish_all(broker, topic, first_half)
+    wait_until(lambda: live_titles(worker) == state_at_backup, 120, 0.5, "the first half of the stream")
+    assert worker.stop() == 0
+    shutil.copytree(data_dir, backup)
+
+    worker = start_worker(data_dir, only_this_topic)
+    publish_all(broker, topic, events[len(first_half):])
+    wait_until(lambda: live_titles(worker) == expected, 120, 0.5, "the second half of the stream")
+    assert worker.stop() == 0
+
+    shutil.rmtree(data_dir)
+    shutil.copytree(backup, data_dir)
+    restored = start_worker(data_dir, only_this_topic)
+    try:
+        wait_until(lambda: live_titles(restored) == expected, 120, 0.5, "the restored index to catch up")
+    except pytest.fail.Exception:
+        pass  # the assertion below shows what differs
+    assert live_titles(restored) == expected, restored.log_tail(60)
+    assert restored.metric("autoglm_documents") == len(expected)
+    # Only the second half is read again, not the part the backup already holds.
+    read_again = restored.metric("autoglm_events_received_total")
+    assert 0 < read_again <= len(events) - len(first_half)
