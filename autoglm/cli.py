@@ -32,6 +32,7 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     train_max_seconds=args.train_seconds, propensities=args.propensities,
                     alias_poll_s=args.alias_poll,
                     webhooks=not args.no_webhooks, online_settle_s=args.online_settle,
+                    auto_rollback=not args.no_auto_rollback, champion_watch=args.champion_watch,
                     index_backend=args.index, es_url=args.es_url, es_index=args.es_index,
                     cdc_topics=args.cdc_topics,
                     mapping_file=Path(args.mapping) if args.mapping else None)
@@ -72,6 +73,11 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="follow the aliases by polling only (no MLflow webhook)")
     parser.add_argument("--online-settle", type=float, default=defaults.online_settle_s,
                         help="seconds after which a search counts in the online metrics (default %(default)s)")
+    parser.add_argument("--no-auto-rollback", action="store_true",
+                        help="never move an alias automatically (the online metrics are still kept)")
+    parser.add_argument("--champion-watch", type=int, default=defaults.champion_watch,
+                        help="impressions of a newly promoted champion during which it goes back to its "
+                             "predecessor if users like it less (0: no watch; default %(default)s)")
     parser.add_argument("--index", choices=("embedded", "elasticsearch"), default=defaults.index_backend,
                         help="index backend (default %(default)s)")
     parser.add_argument("--es-url", default=os.environ.get("AUTOGLM_ES_URL"),
@@ -141,10 +147,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
     command += ["--query-runtime", args.query_runtime, "--challenger-share", str(args.challenger_share),
                 "--alias-poll", str(args.alias_poll), "--online-settle", str(args.online_settle),
+                "--champion-watch", str(args.champion_watch),
                 "--index", args.index, "--es-index", args.es_index, "--learning-rate", str(args.learning_rate),
                 "--train-seconds", str(args.train_seconds), "--propensities", args.propensities]
     command += ["--es-url", args.es_url] if args.es_url else []
     command += ["--no-webhooks"] if args.no_webhooks else []
+    command += ["--no-auto-rollback"] if args.no_auto_rollback else []
     command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []
     command += ["--promote-champion"] if args.promote_champion else []
     command += ["--mapping", args.mapping] if args.mapping else []
@@ -237,6 +245,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             cells = [f"{row[m]['value']:.3f} [{row[m]['interval'][0]:.3f}, {row[m]['interval'][1]:.3f}]"
                      for m in ("ctr@10", "mrr", "skip_rate")]
             print(f"{row['version']:<40} {row['arm']:<10} {row['impressions']:>6}  " + " ".join(f"{c:<21}" for c in cells))
+    for check in ("canary", "champion_watch"):
+        if overview.get(check):
+            print(f"{check.replace('_', ' ')}: {overview[check]}")
     return 0
 
 

@@ -70,11 +70,14 @@ class Settings:
     alias_poll_s: float = 30.0
     webhooks: bool = True
     # Automatic rollback: the challenger alias is removed once its CTR@10 is worse than the
-    # champion's by anytime-valid bounds at this error rate (feedback/online.py).
+    # champion's by anytime-valid bounds at this error rate (feedback/online.py), and a newly
+    # promoted champion worse than its predecessor in its first champion_watch impressions
+    # gives the alias back to the predecessor (0: no watch).
     auto_rollback: bool = True
     online_settle_s: float = 30.0  # an impression counts in the online metrics this long after it opened
     rollback_alpha: float = 0.05
     rollback_min_impressions: int = 50
+    champion_watch: int = 1000
     # Index backend: "embedded" (tantivy + usearch + SQLite under data_dir) or "elasticsearch".
     index_backend: str = "embedded"
     es_url: str | None = None

@@ -150,7 +150,7 @@ def run_worker(settings: Settings) -> None:
     from autoglm.encoder import Encoder
     from autoglm.publisher import EventPublisher
     from registry.overview import models_overview
-    from registry.rollback import CanaryGuard
+    from registry.rollback import RollbackGuard
     from registry.webhooks import unregister_receiver
     from search.api import create_app
     from search.query import SearchService
@@ -179,8 +179,8 @@ def run_worker(settings: Settings) -> None:
     feedback = FeedbackProcessor(app, settings, examples)
     guard = None
     if follower and settings.auto_rollback:
-        guard = CanaryGuard(registry, models, feedback.online, follower.wake, settings.rollback_alpha,
-                            settings.rollback_min_impressions).start()
+        guard = RollbackGuard(registry, models, feedback.online, follower.wake, settings.rollback_alpha,
+                              settings.rollback_min_impressions, settings.champion_watch).start()
     training = start_trainer(settings, index, examples, registry, follower) if registry else None
     assigned = threading.Event()
 
@@ -206,9 +206,9 @@ def run_worker(settings: Settings) -> None:
         return {"broker": broker_probe(), "worker": worker_down, "index": index_down}
 
     def overview() -> dict:
-        verdict = guard.last_verdict if guard else None
+        verdicts = (guard.last_verdict, guard.last_champion_verdict) if guard else (None, None)
         return models_overview(registry, models, feedback.online, settings.rollback_alpha,
-                               verdict.reason if verdict else None)
+                               *(verdict.reason if verdict else None for verdict in verdicts))
 
     service = SearchService(index, models, settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
     publisher = EventPublisher(settings.broker)

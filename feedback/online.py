@@ -74,15 +74,18 @@ class Verdict:
 
 
 def challenger_verdict(champion: ArmStats, challenger: ArmStats, alpha: float = 0.05,
-                       min_impressions: int = 50, metric: str = "ctr@10") -> Verdict:
+                       min_impressions: int = 50, metric: str = "ctr@10",
+                       names: tuple[str, str] = ("challenger", "champion")) -> Verdict:
     """Worse when the challenger's upper bound is below the champion's lower bound, each one-sided
-    at alpha / 2, so an equal challenger is called worse with probability at most alpha, ever."""
+    at alpha / 2, so an equal challenger is called worse with probability at most alpha, ever.
+    ``names`` are the two sides' names in the reason (a new champion against its predecessor, say)."""
+    candidate, reference = names
     if min(champion.impressions, challenger.impressions) < min_impressions:
-        return Verdict(False, f"too few impressions ({challenger.impressions} challenger, "
-                              f"{champion.impressions} champion; {min_impressions} needed)")
+        return Verdict(False, f"too few impressions ({challenger.impressions} {candidate}, "
+                              f"{champion.impressions} {reference}; {min_impressions} needed)")
     _, challenger_high = challenger.bounds(metric, alpha)
     champion_low, _ = champion.bounds(metric, alpha)
     worse = challenger_high < champion_low
-    return Verdict(worse, f"{metric}: challenger {challenger.mean(metric):.3f} (upper bound {challenger_high:.3f}) "
-                          f"{'<' if worse else '>='} champion {champion.mean(metric):.3f} (lower bound "
+    return Verdict(worse, f"{metric}: {candidate} {challenger.mean(metric):.3f} (upper bound {challenger_high:.3f}) "
+                          f"{'<' if worse else '>='} {reference} {champion.mean(metric):.3f} (lower bound "
                           f"{champion_low:.3f}) after {challenger.impressions} / {champion.impressions} impressions")

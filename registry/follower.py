@@ -24,7 +24,7 @@ from typing import Callable
 
 from prometheus_client import Counter, Gauge
 
-from registry.models import PREVIOUS_CHAMPION_TAG, ROLLBACK_TAG, ModelRegistry, version_uri
+from registry.models import PREVIOUS_CHAMPION_TAG, ROLLBACK_TAG, ModelRegistry, registry_version, version_uri
 from search.serving import ARMS, CHALLENGER, CHAMPION, QueryEncoder, ServedModels
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class AliasFollower:
     def _remember_predecessor(self, version: str, previous_uri: str) -> None:
         """Tag the new champion with the one it replaces, for ``autoglm rollback``; not when the
         one replaced was itself rolled back (then this move is the rollback)."""
-        previous = previous_uri.rsplit("/", 1)[-1] if previous_uri.startswith("models:/") else "base"
+        previous = registry_version(previous_uri) or "base"
         try:
             if previous == version or PREVIOUS_CHAMPION_TAG in self.registry.version_tags(version):
                 return

@@ -223,6 +223,12 @@ def version_uri(version: str) -> str:
     return f"models:/{MODEL_NAME}/{version}"
 
 
+def registry_version(served_version: str) -> str | None:
+    """The registry's version of a served version (the inverse of ``version_uri``); None for the base model."""
+    prefix = version_uri("")
+    return served_version[len(prefix):] if served_version.startswith(prefix) else None
+
+
 def mlflow_key(name: str) -> str:
     """MLflow names allow only alphanumerics and ``_ - . : /`` and spaces; "@" becomes "_at_" and
     any other character "_", so callers keep their usual metric names."""

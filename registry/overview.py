@@ -11,7 +11,7 @@ from search.serving import ServedModels
 
 def models_overview(registry: ModelRegistry | None, models: ServedModels,
                     online: Callable[[], dict[tuple[str, str], ArmStats]], alpha: float,
-                    canary_verdict: str | None = None) -> dict:
+                    canary_verdict: str | None = None, champion_verdict: str | None = None) -> dict:
     challenger = models.challenger
     return {
         "mlflow_uri": registry.tracking_uri if registry else None,
@@ -23,4 +23,5 @@ def models_overview(registry: ModelRegistry | None, models: ServedModels,
                    for (version, arm), stats in sorted(online().items())],
         "online_interval": f"anytime-valid {1 - alpha:.0%} confidence sequence (feedback/online.py)",
         "canary": canary_verdict,  # the rollback guard's last comparison of the arms
+        "champion_watch": champion_verdict,  # ... and of a new champion with its predecessor
     }

@@ -1,24 +1,34 @@
-"""Automatic rollback of a challenger that users like less than the champion, and manual rollback.
+"""Automatic rollback of a version users like less, and manual rollback.
 
-The guard runs in a thread of the worker. Every ``interval_s`` it compares the online metrics of
-the two arms (feedback/online.py: CTR@10 with anytime-valid bounds, so checking this often does
-not inflate the false-alarm rate), over the same period: the champion's counters are taken from
-the moment the guard first saw this challenger, so traffic before the canary started (another
-season, another mix of queries) does not count. When the challenger is worse, it removes the ``challenger``
-alias, tags the version with the reason, and wakes the alias follower so that the challenger's
-share of traffic returns to the champion at once.
+The guard runs in a thread of the worker and makes two checks every ``interval_s``, both on
+the online metrics of feedback/online.py (CTR@10 with anytime-valid bounds, so checking this
+often does not inflate the false-alarm rate):
+
+- **Challenger against champion**, over the same period: the champion's counters are taken
+  from the moment the guard first saw this challenger, so traffic before the canary started
+  (another season, another mix of queries) does not count. When the challenger is worse, the
+  ``challenger`` alias is removed.
+- **A new champion against its predecessor**, during its first ``champion_watch`` impressions
+  after a promotion the guard saw: the predecessor's counters are those of its whole time as
+  champion in this worker. When the new one is worse, ``champion`` goes back to the predecessor.
+  The two periods differ, so a change in traffic can look like a worse model; the watch is
+  short and the bar (disjoint 95% bounds) high.
+
+Either way the version is tagged with the reason, and the alias follower is woken so that
+serving follows at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from prometheus_client import Counter
 
 from feedback.online import ArmStats, Verdict, challenger_verdict
-from registry.models import PREVIOUS_CHAMPION_TAG, ROLLBACK_TAG, ModelRegistry, version_uri
+from registry.models import PREVIOUS_CHAMPION_TAG, ROLLBACK_TAG, ModelRegistry, registry_version, version_uri
 from search.serving import CHALLENGER, CHAMPION, ServedModels
 
 log = logging.getLogger(__name__)
@@ -28,19 +38,34 @@ ROLLBACKS = Counter("autoglm_rollbacks", "Versions taken out of serving, by arm 
 OnlineStats = Callable[[], dict[tuple[str, str], ArmStats]]  # (version, arm) -> stats
 
 
-class CanaryGuard:
+@dataclass(frozen=True)
+class _ChampionWatch:
+    """A promotion the guard saw: the new champion, the one it replaced, and the new one's
+    champion counters at that moment (it may have been champion before)."""
+
+    champion: str
+    predecessor: str
+    baseline: ArmStats
+
+
+class RollbackGuard:
     def __init__(self, registry: ModelRegistry, models: ServedModels, online: OnlineStats,
                  on_rollback: Callable[[], None], alpha: float = 0.05, min_impressions: int = 50,
-                 interval_s: float = 2.0):
+                 champion_watch: int = 1000, interval_s: float = 2.0):
         self.registry, self.models, self.online, self.on_rollback = registry, models, online, on_rollback
         self.alpha, self.min_impressions, self.interval_s = alpha, min_impressions, interval_s
-        self.last_verdict: Verdict | None = None
+        self.champion_watch = champion_watch  # impressions of a new champion to watch; 0: none
+        self.last_verdict: Verdict | None = None  # challenger against champion
+        self.last_champion_verdict: Verdict | None = None  # new champion against its predecessor
         # (challenger, champion) -> both arms' counters when the guard first saw this pair
         self._baseline: tuple[tuple[str, str], ArmStats, ArmStats] | None = None
+        self._champion_seen: str | None = None
+        self._watch: _ChampionWatch | None = None
+        self._replaced: str | None = None  # a champion put back: still serving until the follower swaps
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="canary-guard", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="rollback-guard", daemon=True)
 
-    def start(self) -> "CanaryGuard":
+    def start(self) -> "RollbackGuard":
         self._thread.start()
         return self
 
@@ -72,12 +97,57 @@ class CanaryGuard:
                 self.on_rollback()
         return verdict
 
+    def check_champion(self) -> Verdict | None:
+        """Put the predecessor back if a newly promoted champion is worse than it was; returns
+        the verdict (None: no promotion being watched)."""
+        champion = self.models.champion.version
+        if champion == self._replaced:
+            return None
+        self._replaced = None
+        stats = self.online()
+        if champion != self._champion_seen:
+            predecessor, self._champion_seen = self._champion_seen, champion
+            self._watch = None
+            if predecessor is not None and self.champion_watch > 0:
+                self._watch = _ChampionWatch(champion, predecessor, stats.get((champion, CHAMPION), ArmStats()))
+        if self._watch is None:
+            return None
+        watch = self._watch
+        fresh = stats.get((champion, CHAMPION), ArmStats()).since(watch.baseline)
+        verdict = challenger_verdict(stats.get((watch.predecessor, CHAMPION), ArmStats()), fresh, self.alpha,
+                                     self.min_impressions, names=("new champion", "its predecessor"))
+        self.last_champion_verdict = verdict
+        if verdict.worse:
+            self._restore_predecessor(watch, verdict)
+        elif fresh.impressions >= self.champion_watch:
+            log.info("champion %s kept after %d impressions: %s", champion, fresh.impressions, verdict.reason)
+            self._watch = None
+        return verdict
+
+    def _restore_predecessor(self, watch: _ChampionWatch, verdict: Verdict) -> None:
+        self._watch = None
+        version = self.registry.version_for(CHAMPION)
+        if version is None or version_uri(version) != watch.champion:
+            return  # a person moved the alias meanwhile: theirs is the newer decision
+        predecessor = registry_version(watch.predecessor)
+        self.registry.tag_version(version, ROLLBACK_TAG, f"automatic: {verdict.reason}")
+        if predecessor is None:
+            self.registry.delete_alias(CHAMPION)
+        else:
+            self.registry.set_alias(CHAMPION, predecessor)
+        ROLLBACKS.labels(CHAMPION, "automatic").inc()
+        log.warning("champion version %s replaced by its predecessor %s: %s",
+                    version, watch.predecessor, verdict.reason)
+        self._champion_seen, self._replaced = watch.predecessor, watch.champion  # going back is no promotion
+        self.on_rollback()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.check()
-            except Exception:  # MLflow unreachable: try again at the next tick
-                log.exception("canary check failed")
+            for check in (self.check, self.check_champion):
+                try:
+                    check()
+                except Exception:  # MLflow unreachable: try again at the next tick
+                    log.exception("rollback check failed")
 
 
 def roll_back(registry: ModelRegistry, reason: str = "manual") -> str:

@@ -211,17 +211,16 @@ def test_promotion_by_polling_without_webhooks(broker, mlflow_server, versions, 
         registry.set_alias(CHAMPION, versions["base"])
 
 
-def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflow_server, versions, tmp_path):
-    """Simulated users click the document a query names when it is ranked first. The base model
-    ranks it first; the corrupt one ranks at random, so its CTR@10 falls and the guard removes it."""
-    registry = ModelRegistry(mlflow_server.url)
-    registry.set_alias(CHAMPION, versions["base"])
+SUBJECTS = ["enzyme kinetics", "glacier melt", "protein folding", "volcanic ash", "coral bleaching",
+            "neutron stars", "soil bacteria", "malaria vaccines", "solar wind", "river deltas",
+            "bird migration", "gut microbiome", "ocean acidity", "dark matter", "insulin signalling"]
+
+
+def start_with_notes(broker, mlflow_server, tmp_path, *options: str) -> WorkerProcess:
+    """A worker serving one note per subject (the notes are published again: replays are no-ops)."""
     ensure_topics(broker, ["cdc.serving.notes"])
     kafka = producer(broker)
-    subjects = ["enzyme kinetics", "glacier melt", "protein folding", "volcanic ash", "coral bleaching",
-                "neutron stars", "soil bacteria", "malaria vaccines", "solar wind", "river deltas",
-                "bird migration", "gut microbiome", "ocean acidity", "dark matter", "insulin signalling"]
-    for pk, subject in enumerate(subjects, start=1):
+    for pk, subject in enumerate(SUBJECTS, start=1):
         key, value = change_event("c", "serving", "notes", {"id": pk},
                                   after={"id": pk, "title": f"A note on {subject}", "body": f"All about {subject}."},
                                   lsn=pk)
@@ -229,38 +228,53 @@ def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflo
     kafka.flush(10)
     worker = WorkerProcess(broker, tmp_path / "data", tmp_path / "worker.log",
                            ["--cdc-topics", r"^cdc\.serving\.", "--mlflow-uri", mlflow_server.url,
-                            "--challenger-share", "0.5", "--online-settle", "1"]).wait_healthy()
+                            "--online-settle", "1", *options]).wait_healthy()
     try:
-        wait_until(lambda: worker.document(f"serving.notes:{len(subjects)}"), 60, 0.2, "the notes to be indexed")
+        wait_until(lambda: worker.document(f"serving.notes:{len(SUBJECTS)}"), 60, 0.2, "the notes to be indexed")
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
 
-        def users(count: int, first: int) -> int:
-            """Search and click as count users would; return how many answers the challenger gave."""
-            challenger_answers = 0
-            for n in range(first, first + count):
-                pk = n % len(subjects) + 1
-                result = worker.client.get("/search", params={"q": subjects[pk - 1], "k": 10, "mode": "dense"},
-                                           headers={"X-Session-Id": f"reader-{n}"}).json()
-                challenger_answers += result["arm"] == CHALLENGER
-                if result["hits"] and result["hits"][0]["id"] == f"serving.notes:{pk}":
-                    feedback = {"event_id": str(uuid.uuid4()), "query_id": result["query_id"],
-                                "doc_id": result["hits"][0]["id"], "type": "click", "position": 1,
-                                "session_id": f"reader-{n}"}
-                    assert worker.client.post("/feedback", json=feedback).status_code == 202
-            return challenger_answers
 
-        def online(version: str, arm: str) -> int:
-            rows = worker.client.get("/models").json()["online"]
-            return next((row["impressions"] for row in rows
-                         if row["version"] == version_uri(version) and row["arm"] == arm), 0)
+def users(worker: WorkerProcess, count: int, first: int) -> int:
+    """Search and click as count users would: a user clicks the note the query names when it is
+    ranked first. Returns how many answers the challenger gave."""
+    challenger_answers = 0
+    for n in range(first, first + count):
+        pk = n % len(SUBJECTS) + 1
+        result = worker.client.get("/search", params={"q": SUBJECTS[pk - 1], "k": 10, "mode": "dense"},
+                                   headers={"X-Session-Id": f"reader-{n}"}).json()
+        challenger_answers += result["arm"] == CHALLENGER
+        if result["hits"] and result["hits"][0]["id"] == f"serving.notes:{pk}":
+            feedback = {"event_id": str(uuid.uuid4()), "query_id": result["query_id"],
+                        "doc_id": result["hits"][0]["id"], "type": "click", "position": 1,
+                        "session_id": f"reader-{n}"}
+            assert worker.client.post("/feedback", json=feedback).status_code == 202
+    return challenger_answers
 
+
+def online_impressions(worker: WorkerProcess, version: str, arm: str) -> int:
+    rows = worker.client.get("/models").json()["online"]
+    return next((row["impressions"] for row in rows
+                 if row["version"] == version_uri(version) and row["arm"] == arm), 0)
+
+
+def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflow_server, versions, tmp_path):
+    """The base model ranks the named note first; the corrupt one ranks at random, so its CTR@10
+    falls and the guard removes it."""
+    registry = ModelRegistry(mlflow_server.url)
+    registry.set_alias(CHAMPION, versions["base"])
+    worker = start_with_notes(broker, mlflow_server, tmp_path, "--challenger-share", "0.5")
+    try:
         # An equal challenger: same weights, same clicks, never rolled back.
         registry.set_alias(CHALLENGER, versions["same"])
         wait_until(lambda: worker.client.get("/models").json()["arms"]["challenger"] == version_uri(versions["same"]),
                    10, 0.1, "the equal challenger to serve")
-        challenger_answers = users(400, 0)
+        challenger_answers = users(worker, 400, 0)
         assert 150 <= challenger_answers <= 250  # sticky by session, half the sessions
         # Every answer settles --online-settle after it was joined, with no later traffic to wake the processor.
-        wait_until(lambda: online(versions["same"], CHALLENGER) == challenger_answers, 30, 0.5,
+        wait_until(lambda: online_impressions(worker, versions["same"], CHALLENGER) == challenger_answers, 30, 0.5,
                    "every challenger impression to settle")
         wait_until(lambda: "challenger" in (worker.client.get("/models").json()["canary"] or "")
                    and "too few" not in worker.client.get("/models").json()["canary"], 10, 0.2,
@@ -275,7 +289,7 @@ def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflo
                    10, 0.1, "the corrupt challenger to serve")
         searched = 0
         while registry.version_for(CHALLENGER) is not None and searched < 1200:
-            users(100, 1000 + searched)
+            users(worker, 100, 1000 + searched)
             searched += 100
         wait_until(lambda: registry.version_for(CHALLENGER) is None, 10, 0.2, "the corrupt challenger's rollback")
         reason = registry.version_tags(versions["corrupt"])["autoglm.rollback"]
@@ -286,4 +300,59 @@ def test_a_worse_challenger_is_rolled_back_and_an_equal_one_is_not(broker, mlflo
         assert worker.metric("autoglm_rollbacks_total", arm="challenger", cause="automatic") == 1
     finally:
         worker.stop()
-        kafka.flush(10)
+
+
+def test_a_new_champion_worse_than_its_predecessor_gives_the_alias_back(broker, mlflow_server, versions, tmp_path):
+    """The champion watch: for its first --champion-watch impressions a promoted champion is
+    compared with the one it replaced. An equal one stays; a corrupt one is replaced by it."""
+    registry = ModelRegistry(mlflow_server.url)
+    registry.set_alias(CHAMPION, versions["base"])
+    if registry.version_for(CHALLENGER) is not None:
+        registry.delete_alias(CHALLENGER)
+    worker = start_with_notes(broker, mlflow_server, tmp_path, "--champion-watch", "300")
+
+    def champion_serving(version: str) -> bool:
+        return worker.client.get("/models").json()["arms"]["champion"] == version_uri(version)
+
+    def watch_verdict() -> str:
+        return worker.client.get("/models").json()["champion_watch"] or ""
+
+    try:
+        # The predecessor's record as champion. The worker also joins the impressions and clicks
+        # earlier tests left on the shared topics, so counts are at least, not exactly, ours.
+        users(worker, 200, 0)
+        wait_until(lambda: online_impressions(worker, versions["base"], CHAMPION) >= 200, 30, 0.5,
+                   "the base version's impressions to settle")
+
+        # An equal champion (same weights): watched for 300 impressions, then kept.
+        registry.set_alias(CHAMPION, versions["same"])
+        wait_until(lambda: champion_serving(versions["same"]), 10, 0.1, "the equal champion to serve")
+        # Counted from the moment the guard saw the promotion, so exactly our 300 from here.
+        wait_until(lambda: "(0 new champion, " in watch_verdict(), 10, 0.2, "the guard to watch the new champion")
+        users(worker, 300, 200)
+        wait_until(lambda: "new champion 1.000" in watch_verdict() and "after 300 / " in watch_verdict(),
+                   30, 0.5, "the guard to compare the equal champion's 300 impressions with its predecessor's")
+        time.sleep(3)  # more guard ticks: the watch is over
+        assert registry.version_for(CHAMPION) == versions["same"]
+        assert "autoglm.rollback" not in registry.version_tags(versions["same"])
+
+        # A corrupt champion: the alias goes back to the one it replaced, the reason on its version.
+        registry.set_alias(CHAMPION, versions["corrupt"])
+        wait_until(lambda: champion_serving(versions["corrupt"]), 30, 0.1, "the corrupt champion to serve")
+        wait_until(lambda: "(0 new champion, " in watch_verdict(), 10, 0.2, "the guard to watch the new champion")
+        searched = 0
+        while registry.version_for(CHAMPION) == versions["corrupt"] and searched < 1000:
+            users(worker, 50, 1000 + searched)
+            searched += 50
+        wait_until(lambda: registry.version_for(CHAMPION) == versions["same"], 10, 0.2,
+                   "the champion alias back on its predecessor")
+        reason = registry.version_tags(versions["corrupt"])["autoglm.rollback"]
+        assert reason.startswith("automatic: ctr@10: new champion"), reason
+        wait_until(lambda: champion_serving(versions["same"]), 10, 0.1, "the predecessor to serve again")
+        print(f"\ncorrupt champion replaced by its predecessor after {searched} searches: {reason}")
+        assert worker.metric("autoglm_rollbacks_total", arm="champion", cause="automatic") == 1
+        time.sleep(3)  # going back is not a promotion: nothing more moves
+        assert registry.version_for(CHAMPION) == versions["same"]
+    finally:
+        worker.stop()
+        registry.set_alias(CHAMPION, versions["base"])
