@@ -173,7 +173,7 @@ def run_worker(settings: Settings) -> None:
     models, follower = start_serving(settings, registry)
     alias_hook, webhook_id = register_alias_hook(settings, follower)
 
-    app = create_faust_app(settings.group_id, settings, index.committed_offsets)
+    app = create_faust_app(settings.group_id, settings)
     processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
     examples = ExampleStore(settings.data_dir / "feedback" / "examples.db")
     feedback = FeedbackProcessor(app, settings, examples)
@@ -181,6 +181,7 @@ def run_worker(settings: Settings) -> None:
     if follower and settings.auto_rollback:
         guard = RollbackGuard(registry, models, feedback.online, follower.wake, settings.rollback_alpha,
                               settings.rollback_min_impressions, settings.champion_watch).start()
+        follower.promotion_listeners.append(guard.promoted)
     training = start_trainer(settings, index, examples, registry, follower) if registry else None
     assigned = threading.Event()
 

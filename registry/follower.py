@@ -47,6 +47,9 @@ class AliasFollower:
         self.last_error: str | None = None
         self._failed: dict[str, tuple[str | None, float]] = {}  # arm -> (version, when its load failed)
         self._synced_once = False  # the first sync is start-up, not a promotion
+        # Called as listener(new champion, the one it replaced), both as served versions, after
+        # a promotion seen live has been swapped in (the rollback guard watches the new one).
+        self.promotion_listeners: list[Callable[[str, str], None]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._sync_lock = threading.Lock()
@@ -94,10 +97,13 @@ class AliasFollower:
         encoder = other if reused else self._load(arm, version, serving)
         if encoder is None:
             return
-        if arm == CHAMPION and version is not None and serving is not None and self._synced_once:
-            self._remember_predecessor(version, serving.version)  # a promotion seen live
+        promoted = (arm == CHAMPION and version is not None and serving is not None and self._synced_once
+                    and self._record_promotion(version, serving.version))  # a promotion seen live
         self.models.swap(arm, encoder)
         log.info("%s now serves %s (was %s)", arm, encoder.version, serving.version if serving else "none")
+        if promoted:
+            for listener in self.promotion_listeners:
+                listener(encoder.version, serving.version)
         if not reused and self.compile_for_serving:
             # Compiling takes seconds: outside the sync lock, so a promotion meanwhile is not held up.
             threading.Thread(target=self._compile, args=(arm, encoder), name="compile-for-serving",
@@ -132,18 +138,21 @@ class AliasFollower:
                     self.models.swap(serving_arm, compiled)
         LOADS.labels(arm, "compiled").inc()
 
-    def _remember_predecessor(self, version: str, previous_uri: str) -> None:
-        """Tag the new champion with the one it replaces, for ``autoglm rollback``; not when the
-        one replaced was itself rolled back (then this move is the rollback)."""
+    def _record_promotion(self, version: str, previous_uri: str) -> bool:
+        """Whether moving the champion from ``previous_uri`` to ``version`` is a promotion: not when
+        the one replaced was rolled back (then this move is the rollback). A promotion tags the new
+        champion, on its first one, with the version it replaces, for ``autoglm rollback``."""
         previous = registry_version(previous_uri) or "base"
+        if previous == version:
+            return False
         try:
-            if previous == version or PREVIOUS_CHAMPION_TAG in self.registry.version_tags(version):
-                return
             if previous != "base" and ROLLBACK_TAG in self.registry.version_tags(previous):
-                return
-            self.registry.tag_version(version, PREVIOUS_CHAMPION_TAG, previous)
+                return False
+            if PREVIOUS_CHAMPION_TAG not in self.registry.version_tags(version):
+                self.registry.tag_version(version, PREVIOUS_CHAMPION_TAG, previous)
         except Exception as exc:  # a missing tag only costs the rollback its default target
             log.warning("could not tag version %s with its predecessor: %s", version, exc)
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -9,8 +9,8 @@ often does not inflate the false-alarm rate):
   (another season, another mix of queries) does not count. When the challenger is worse, the
   ``challenger`` alias is removed.
 - **A new champion against its predecessor**, during its first ``champion_watch`` impressions
-  after a promotion the guard saw: the predecessor's counters are those of its whole time as
-  champion in this worker. When the new one is worse, ``champion`` goes back to the predecessor.
+  after a promotion the alias follower saw happen (not a rollback, not the start-up): the
+  predecessor's counters are those of its whole time as champion in this worker. When the new one is worse, ``champion`` goes back to the predecessor.
   The two periods differ, so a change in traffic can look like a worse model; the watch is
   short and the bar (disjoint 95% bounds) high.
 
@@ -40,7 +40,7 @@ OnlineStats = Callable[[], dict[tuple[str, str], ArmStats]]  # (version, arm) ->
 
 @dataclass(frozen=True)
 class _ChampionWatch:
-    """A promotion the guard saw: the new champion, the one it replaced, and the new one's
+    """A promotion the follower saw: the new champion, the one it replaced, and the new one's
     champion counters at that moment (it may have been champion before)."""
 
     champion: str
@@ -54,14 +54,16 @@ class RollbackGuard:
                  champion_watch: int = 1000, interval_s: float = 2.0):
         self.registry, self.models, self.online, self.on_rollback = registry, models, online, on_rollback
         self.alpha, self.min_impressions, self.interval_s = alpha, min_impressions, interval_s
+        if 0 < champion_watch < min_impressions:
+            raise ValueError(f"a champion watch of {champion_watch} impressions ends before the "
+                             f"{min_impressions} a comparison needs")
         self.champion_watch = champion_watch  # impressions of a new champion to watch; 0: none
         self.last_verdict: Verdict | None = None  # challenger against champion
         self.last_champion_verdict: Verdict | None = None  # new champion against its predecessor
         # (challenger, champion) -> both arms' counters when the guard first saw this pair
         self._baseline: tuple[tuple[str, str], ArmStats, ArmStats] | None = None
-        self._champion_seen: str | None = None
         self._watch: _ChampionWatch | None = None
-        self._replaced: str | None = None  # a champion put back: still serving until the follower swaps
+        self._watch_lock = threading.Lock()  # promoted() runs in the follower's thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollback-guard", daemon=True)
 
@@ -90,56 +92,68 @@ class RollbackGuard:
         if verdict.worse:
             version = self.registry.version_for(CHALLENGER)
             if version is not None and version_uri(version) == challenger.version:
-                self.registry.delete_alias(CHALLENGER)
+                # Tag, then move: whoever sees the alias gone finds the reason, and a failure
+                # in between is retried at the next tick.
                 self.registry.tag_version(version, ROLLBACK_TAG, f"automatic: {verdict.reason}")
+                self.registry.delete_alias(CHALLENGER)
                 ROLLBACKS.labels(CHALLENGER, "automatic").inc()
                 log.warning("challenger version %s rolled back: %s", version, verdict.reason)
                 self.on_rollback()
         return verdict
 
+    def promoted(self, champion: str, predecessor: str) -> None:
+        """The follower swapped in a promoted champion: watch it (a promotion listener)."""
+        if self.champion_watch > 0:
+            baseline = self.online().get((champion, CHAMPION), ArmStats())
+            with self._watch_lock:
+                self._watch = _ChampionWatch(champion, predecessor, baseline)
+
     def check_champion(self) -> Verdict | None:
-        """Put the predecessor back if a newly promoted champion is worse than it was; returns
+        """Put the predecessor back if the champion being watched is worse than it was; returns
         the verdict (None: no promotion being watched)."""
-        champion = self.models.champion.version
-        if champion == self._replaced:
+        with self._watch_lock:
+            watch = self._watch
+        if watch is None:
             return None
-        self._replaced = None
+        if self.models.champion.version != watch.champion:  # the alias moved on meanwhile
+            self._end_watch(watch)
+            return None
         stats = self.online()
-        if champion != self._champion_seen:
-            predecessor, self._champion_seen = self._champion_seen, champion
-            self._watch = None
-            if predecessor is not None and self.champion_watch > 0:
-                self._watch = _ChampionWatch(champion, predecessor, stats.get((champion, CHAMPION), ArmStats()))
-        if self._watch is None:
-            return None
-        watch = self._watch
-        fresh = stats.get((champion, CHAMPION), ArmStats()).since(watch.baseline)
+        fresh = stats.get((watch.champion, CHAMPION), ArmStats()).since(watch.baseline)
         verdict = challenger_verdict(stats.get((watch.predecessor, CHAMPION), ArmStats()), fresh, self.alpha,
                                      self.min_impressions, names=("new champion", "its predecessor"))
         self.last_champion_verdict = verdict
         if verdict.worse:
             self._restore_predecessor(watch, verdict)
         elif fresh.impressions >= self.champion_watch:
-            log.info("champion %s kept after %d impressions: %s", champion, fresh.impressions, verdict.reason)
-            self._watch = None
+            log.info("champion %s kept after %d impressions: %s", watch.champion, fresh.impressions, verdict.reason)
+            self._end_watch(watch)
         return verdict
 
+    def _end_watch(self, watch: _ChampionWatch) -> None:
+        with self._watch_lock:
+            if self._watch is watch:  # not a newer promotion's
+                self._watch = None
+
     def _restore_predecessor(self, watch: _ChampionWatch, verdict: Verdict) -> None:
-        self._watch = None
+        """Move ``champion`` back; the watch ends only once that is done, so a failure is retried
+        at the next tick."""
         version = self.registry.version_for(CHAMPION)
-        if version is None or version_uri(version) != watch.champion:
-            return  # a person moved the alias meanwhile: theirs is the newer decision
         predecessor = registry_version(watch.predecessor)
+        if (version is None or version_uri(version) != watch.champion  # a person moved the alias: theirs is newer
+                or (predecessor and ROLLBACK_TAG in self.registry.version_tags(predecessor))):
+            self._end_watch(watch)
+            return
         self.registry.tag_version(version, ROLLBACK_TAG, f"automatic: {verdict.reason}")
         if predecessor is None:
             self.registry.delete_alias(CHAMPION)
         else:
             self.registry.set_alias(CHAMPION, predecessor)
+        self._end_watch(watch)
         ROLLBACKS.labels(CHAMPION, "automatic").inc()
         log.warning("champion version %s replaced by its predecessor %s: %s",
                     version, watch.predecessor, verdict.reason)
-        self._champion_seen, self._replaced = watch.predecessor, watch.champion  # going back is no promotion
-        self.on_rollback()
+        self.on_rollback()  # the follower's move back is no promotion: this version is tagged
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -155,8 +169,8 @@ def roll_back(registry: ModelRegistry, reason: str = "manual") -> str:
     alias goes back to the version it replaced (the base model when none). Returns what it did."""
     challenger = registry.version_for(CHALLENGER)
     if challenger is not None:
-        registry.delete_alias(CHALLENGER)
         registry.tag_version(challenger, ROLLBACK_TAG, reason)
+        registry.delete_alias(CHALLENGER)
         ROLLBACKS.labels(CHALLENGER, "manual").inc()
         return f"challenger version {challenger} removed; the champion serves all traffic"
     champion = registry.version_for(CHAMPION)

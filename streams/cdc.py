@@ -16,9 +16,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Collection
 
 import faust
+from faust.types import TP
 
 from autoglm import metrics, topics
 from autoglm.events import BadEvent, Op, parse_change
@@ -56,8 +57,17 @@ class CdcProcessor:
         self._stream = None
         self._channel = None
         app.agent(self.topic, name="cdc-ingest")(self._read)
+        app.resume_offsets = self.resume_offsets
         app.task(self._run_sink)
         app.timer(settings.topic_refresh_s)(self._follow_new_topics)
+
+    def resume_offsets(self, assigned: Collection[TP]) -> dict[TP, int]:
+        """Where this processor's partitions resume: the offset the index recorded with its last
+        durable batch, or the partition's start when it recorded none (a new or rebuilt index has
+        applied nothing from it, whatever the consumer group committed)."""
+        ours = set(self.topic.topics)
+        durable = self.sink.index.committed_offsets()
+        return {tp: durable.get(f"{tp.topic}:{tp.partition}", 0) for tp in assigned if tp.topic in ours}
 
     # -- edge: parse every record once -----------------------------------------------------
 

@@ -12,21 +12,23 @@ The consumer thread below lowers it, so an idle worker sees an event within mill
 an idle fetch costs one small request per ``FETCH_MAX_WAIT_MS``.
 
 Where a partition resumes: Faust seeks every assigned partition to the group's committed
-Kafka offset. A partition the sink has recorded a durable offset for (the index manifest,
-written before any Kafka commit) then moves to that offset instead: the sink's record is
-the truth about what the index holds. A Kafka offset that ran ahead of it (an index restored
-from a backup, offsets reset by hand, a partition that moved between workers) would
-otherwise skip records the index never applied; one that lags it would replay, and
-re-check, records already applied.
+Kafka offset. A processor that keeps its own durable record of progress (the CDC processor:
+the index manifest, written before any Kafka commit) then moves its partitions to where that
+record says (``app.resume_offsets``): it is the truth about what the index holds. A Kafka
+offset that ran ahead of it (an index restored from a backup or rebuilt from scratch, offsets
+reset by hand, a partition that moved between workers) would otherwise skip records the index
+never applied; one that lags it would replay, and re-check, records already applied.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
 from autoglm.settings import Settings
 
@@ -34,8 +36,9 @@ FETCH_MAX_WAIT_MS = 50
 
 log = logging.getLogger(__name__)
 
-DurableOffsets = Callable[[], Mapping[str, int]]
-"""The sink's durable offsets, as ``{"topic:partition": next offset to read}``."""
+ResumeOffsets = Callable[[Collection[TP]], Mapping[TP, int]]
+"""Given the assigned partitions, where those of a processor with its own durable record of
+progress resume (the next offset to read); partitions it leaves out resume at Kafka's offset."""
 
 
 class _PromptConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -52,28 +55,31 @@ class _Consumer(faust_aiokafka.Consumer):
         return _PromptConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def perform_seek(self) -> None:
-        """Seek to the committed Kafka offsets, then each partition the sink has a durable
-        offset for to that one (see the module docstring). Faust calls this after every
-        assignment and whenever it rewinds a paused consumer."""
+        """Seek to the committed Kafka offsets, then the partitions ``app.resume_offsets`` names
+        to its offsets (see the module docstring). Faust calls this after every assignment and
+        whenever it rewinds a paused consumer."""
         await super().perform_seek()
-        durable = self.app.durable_offsets()
-        for tp in self.assignment():
-            offset = durable.get(f"{tp.topic}:{tp.partition}")
-            if offset is None:
-                continue
+        loop = asyncio.get_running_loop()
+        offsets = await loop.run_in_executor(None, self.app.resume_offsets, self.assignment())
+        if not offsets:
+            return
+        for tp, offset in offsets.items():
             kafka_offset = self._committed_offset.get(tp)
             if kafka_offset is not None and kafka_offset > offset:
-                log.warning("%s:%d resumes at offset %d, the last durable in the index, although the "
-                            "consumer group committed %d: records in between are read again",
+                log.warning("%s:%d resumes at offset %d, where the index's durable record ends, although "
+                            "the consumer group committed %d: records in between are read again",
                             tp.topic, tp.partition, offset, kafka_offset)
-            await self.seek(tp, offset)
-            # Faust commits only offsets past the one it believes committed, and only once the
-            # acked offsets are contiguous with it: both now count from the durable offset.
-            self._committed_offset[tp] = offset
+        await self.seek_wait(offsets)  # on the consumer's own thread, like Faust's seeks
+        # Faust commits only offsets past the one it believes committed, and only once the acked
+        # offsets are contiguous with it: both now count from the resume offset.
+        self._committed_offset.update({tp: offset or None for tp, offset in offsets.items()})
 
 
-def create_faust_app(app_id: str, settings: Settings, durable_offsets: DurableOffsets = dict) -> faust.App:
-    """The app, its consumer resuming partitions at ``durable_offsets()`` where it names them."""
+def _kafka_offsets(assigned: Collection[TP]) -> Mapping[TP, int]:
+    return {}
+
+
+def create_faust_app(app_id: str, settings: Settings) -> faust.App:
     app = faust.App(
         app_id,
         broker=f"kafka://{settings.broker}",
@@ -92,5 +98,5 @@ def create_faust_app(app_id: str, settings: Settings, durable_offsets: DurableOf
         producer_max_batch_size=1,
     )
     app.transport.Consumer = _Consumer
-    app.durable_offsets = durable_offsets  # read by _Consumer.perform_seek
+    app.resume_offsets = _kafka_offsets  # replaced by a processor with its own record (CdcProcessor)
     return app
