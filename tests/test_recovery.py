@@ -43,6 +43,16 @@ def live_titles(worker) -> dict[str, str]:
     return {doc_id: doc["title"] for doc_id, doc in live.items() if doc is not None}
 
 
+def assert_comes_to_serve(worker, expected: dict[str, str], timeout: float) -> None:
+    """Wait until the worker serves exactly ``expected``; on timeout, fail showing what differs
+    and the worker's log."""
+    try:
+        wait_until(lambda: live_titles(worker) == expected, timeout, 0.5, "the index to catch up")
+    except pytest.fail.Exception:
+        pass  # the assertion below shows what differs
+    assert live_titles(worker) == expected, worker.log_tail(60)
+
+
 def publish_all(broker: str, topic: str, events) -> None:
     kafka = producer(broker)
     for key, value in events:
@@ -112,11 +122,7 @@ def test_a_restored_or_rebuilt_data_dir_reads_from_where_its_own_index_ends(brok
     shutil.rmtree(data_dir)
     shutil.copytree(backup, data_dir)
     restored = start_worker(data_dir, only_this_topic)
-    try:
-        wait_until(lambda: live_titles(restored) == expected, 120, 0.5, "the restored index to catch up")
-    except pytest.fail.Exception:
-        pass  # the assertion below shows what differs
-    assert live_titles(restored) == expected, restored.log_tail(60)
+    assert_comes_to_serve(restored, expected, 120)
     assert restored.metric("autoglm_documents") == len(expected)
     # Only the second half is read again, not the part the backup already holds.
     read_again = restored.metric("autoglm_events_received_total")
@@ -125,9 +131,5 @@ def test_a_restored_or_rebuilt_data_dir_reads_from_where_its_own_index_ends(brok
     assert restored.stop() == 0
     shutil.rmtree(data_dir)
     rebuilt = start_worker(data_dir, only_this_topic)
-    try:
-        wait_until(lambda: live_titles(rebuilt) == expected, 180, 0.5, "the rebuilt index to hold the whole stream")
-    except pytest.fail.Exception:
-        pass  # the assertion below shows what differs
-    assert live_titles(rebuilt) == expected, rebuilt.log_tail(60)
+    assert_comes_to_serve(rebuilt, expected, 180)
     assert rebuilt.metric("autoglm_events_received_total") == len(events)
