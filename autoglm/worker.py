@@ -207,9 +207,11 @@ def run_worker(settings: Settings) -> None:
         return {"broker": broker_probe(), "worker": worker_down, "index": index_down}
 
     def overview() -> dict:
-        verdicts = (guard.last_verdict, guard.last_champion_verdict) if guard else (None, None)
+        def reason(verdict) -> str | None:
+            return verdict.reason if verdict else None
+
         return models_overview(registry, models, feedback.online, settings.rollback_alpha,
-                               *(verdict.reason if verdict else None for verdict in verdicts))
+                               reason(guard and guard.last_verdict), reason(guard and guard.last_champion_verdict))
 
     service = SearchService(index, models, settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
     publisher = EventPublisher(settings.broker)

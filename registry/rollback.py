@@ -10,12 +10,13 @@ often does not inflate the false-alarm rate):
   ``challenger`` alias is removed.
 - **A new champion against its predecessor**, during its first ``champion_watch`` impressions
   after a promotion the alias follower saw happen (not a rollback, not the start-up): the
-  predecessor's counters are those of its whole time as champion in this worker. When the new one is worse, ``champion`` goes back to the predecessor.
-  The two periods differ, so a change in traffic can look like a worse model; the watch is
-  short and the bar (disjoint 95% bounds) high.
+  predecessor's counters are those of its whole time as champion in this worker. When the new
+  one is worse, ``champion`` goes back to the predecessor. The two periods differ, so a change
+  in traffic can look like a worse model; the watch is short and the bar (disjoint 95% bounds) high.
 
-Either way the version is tagged with the reason, and the alias follower is woken so that
-serving follows at once.
+Either way (and for a manual rollback) the version is tagged with the reason before its alias
+moves: whoever sees the alias gone finds the reason, and a failure in between is retried. The
+alias follower is then woken so that serving follows at once.
 """
 
 from __future__ import annotations
@@ -92,10 +93,7 @@ class RollbackGuard:
         if verdict.worse:
             version = self.registry.version_for(CHALLENGER)
             if version is not None and version_uri(version) == challenger.version:
-                # Tag, then move: whoever sees the alias gone finds the reason, and a failure
-                # in between is retried at the next tick.
-                self.registry.tag_version(version, ROLLBACK_TAG, f"automatic: {verdict.reason}")
-                self.registry.delete_alias(CHALLENGER)
+                _retire_challenger(self.registry, version, f"automatic: {verdict.reason}")
                 ROLLBACKS.labels(CHALLENGER, "automatic").inc()
                 log.warning("challenger version %s rolled back: %s", version, verdict.reason)
                 self.on_rollback()
@@ -144,11 +142,7 @@ class RollbackGuard:
                 or (predecessor and ROLLBACK_TAG in self.registry.version_tags(predecessor))):
             self._end_watch(watch)
             return
-        self.registry.tag_version(version, ROLLBACK_TAG, f"automatic: {verdict.reason}")
-        if predecessor is None:
-            self.registry.delete_alias(CHAMPION)
-        else:
-            self.registry.set_alias(CHAMPION, predecessor)
+        _replace_champion(self.registry, version, f"automatic: {verdict.reason}", predecessor)
         self._end_watch(watch)
         ROLLBACKS.labels(CHAMPION, "automatic").inc()
         log.warning("champion version %s replaced by its predecessor %s: %s",
@@ -169,18 +163,28 @@ def roll_back(registry: ModelRegistry, reason: str = "manual") -> str:
     alias goes back to the version it replaced (the base model when none). Returns what it did."""
     challenger = registry.version_for(CHALLENGER)
     if challenger is not None:
-        registry.tag_version(challenger, ROLLBACK_TAG, reason)
-        registry.delete_alias(CHALLENGER)
+        _retire_challenger(registry, challenger, reason)
         ROLLBACKS.labels(CHALLENGER, "manual").inc()
         return f"challenger version {challenger} removed; the champion serves all traffic"
     champion = registry.version_for(CHAMPION)
     if champion is None:
         raise LookupError("nothing to roll back: no challenger, and the base model is the champion")
     previous = registry.version_tags(champion).get(PREVIOUS_CHAMPION_TAG, "base")
-    registry.tag_version(champion, ROLLBACK_TAG, reason)
-    if previous == "base":
-        registry.delete_alias(CHAMPION)
-    else:
-        registry.set_alias(CHAMPION, previous)
+    _replace_champion(registry, champion, reason, None if previous == "base" else previous)
     ROLLBACKS.labels(CHAMPION, "manual").inc()
     return f"champion version {champion} replaced by {'the base model' if previous == 'base' else f'version {previous}'}"
+
+
+def _retire_challenger(registry: ModelRegistry, version: str, reason: str) -> None:
+    """Tag, then remove the alias (see the module docstring)."""
+    registry.tag_version(version, ROLLBACK_TAG, reason)
+    registry.delete_alias(CHALLENGER)
+
+
+def _replace_champion(registry: ModelRegistry, version: str, reason: str, predecessor: str | None) -> None:
+    """Tag, then point ``champion`` at the predecessor (None: the base model, no alias)."""
+    registry.tag_version(version, ROLLBACK_TAG, reason)
+    if predecessor is None:
+        registry.delete_alias(CHAMPION)
+    else:
+        registry.set_alias(CHAMPION, predecessor)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Collection, Mapping
+from typing import Collection, Mapping
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -35,10 +35,6 @@ from autoglm.settings import Settings
 FETCH_MAX_WAIT_MS = 50
 
 log = logging.getLogger(__name__)
-
-ResumeOffsets = Callable[[Collection[TP]], Mapping[TP, int]]
-"""Given the assigned partitions, where those of a processor with its own durable record of
-progress resume (the next offset to read); partitions it leaves out resume at Kafka's offset."""
 
 
 class _PromptConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -76,6 +72,9 @@ class _Consumer(faust_aiokafka.Consumer):
 
 
 def _kafka_offsets(assigned: Collection[TP]) -> Mapping[TP, int]:
+    """``app.resume_offsets``: given the assigned partitions, where those of a processor with its
+    own durable record of progress resume (the next offset to read). By default none: every
+    partition resumes at Kafka's offset."""
     return {}
 
 
