@@ -713,7 +713,10 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.out.with_suffix(".png"))
     print_table(results)
     console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
-    return 0
+    missed = [name for name, check in results["targets"].items() if not check["met"]]
+    if missed:
+        console.print(f"[red]targets missed: {', '.join(missed)}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -154,11 +154,14 @@ def main() -> int:
             polled.stop()
         finally:
             server.stop()
-    report(results)
+    results["met"] = report(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
-    return 0
+    missed = [name for name, met in results["met"].items() if not met]
+    if missed:
+        print(f"targets missed: {', '.join(missed)}")
+    return 1 if missed else 0
 
 
 def _canary(session: str) -> bool:
@@ -167,7 +170,9 @@ def _canary(session: str) -> bool:
     return sticky_point(session) < 0.05
 
 
-def report(results: dict) -> None:
+def report(results: dict) -> dict[str, bool]:
+    """Print the table of a run's results; returns whether each target is met."""
+    met = {}
     table = Table(title="Promotion: alias move (REST) -> first /search answer from the new version")
     for column in ("measure", "median", "max", "target"):
         table.add_column(column)
@@ -178,12 +183,15 @@ def report(results: dict) -> None:
                               ("webhook, challenger promoted", "webhook_warm_seconds", 2.0),
                               (f"polling every {POLL_S:.0f} s", "polling_seconds", POLL_S + load)):
         values = results[key]
+        met[key] = max(values) <= target
         table.add_row(name, f"{statistics.median(values):.2f} s", f"{max(values):.2f} s",
-                      f"<= {target:.1f} s {'ok' if max(values) <= target else 'MISSED'}")
+                      f"<= {target:.1f} s {'ok' if met[key] else 'MISSED'}")
     share = results["canary_share"]
+    met["canary_share"] = abs(share - 0.05) <= 0.015 and results["sessions_on_both_arms"] == 0
     table.add_row("challenger share (1,000 sessions)", f"{share:.1%}", f"{results['sessions_on_both_arms']} "
-                  "sessions saw both arms", f"5% +- 1.5 {'ok' if abs(share - 0.05) <= 0.015 else 'MISSED'}")
+                  "sessions saw both arms", f"5% +- 1.5 {'ok' if met['canary_share'] else 'MISSED'}")
     Console().print(table)
+    return met
 
 
 if __name__ == "__main__":
