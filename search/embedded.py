@@ -5,11 +5,19 @@ Layout under the index directory::
     text/            tantivy index over title + text (English stemming)
     vectors.usearch  HNSW graph, cosine, keyed by an integer per document
     documents.db     documents, their source positions and delete tombstones
-    manifest.json    consumer offsets of the last durable commit (write, fsync, rename)
+    manifest.json    consumer offsets of the last durable commit, and the ids of a commit under way
 
 There is no transaction spanning the three stores, so ``commit`` makes them durable in a
-fixed order and records offsets last; see :meth:`EmbeddedIndex.commit`. Replaying records
-after a crash is harmless because the ingest path orders every change by source position.
+fixed order, each step fsynced before the next, and records offsets last; see
+:meth:`EmbeddedIndex.commit`. A crash or a power loss between steps leaves the text and vector
+stores ahead of SQLite for the ids the manifest names as pending; reopening forgets those ids'
+content hashes so the replay re-embeds them, and replaying is otherwise harmless because the
+ingest path orders every change by source position.
+
+tantivy's own commit (0.27, ``MmapDirectory``) fsyncs each new segment file, fsyncs the
+directory, then writes ``meta.json`` to a temporary file, fsyncs it and renames it over the old
+one, but does not fsync the directory after that rename: a power loss could bring the previous
+``meta.json`` back, so the commit step fsyncs ``text/`` itself.
 
 One process owns the directory: tantivy's writer lock refuses a second writer.
 """
@@ -57,13 +65,28 @@ def plain_text_query(text: str) -> str:
     return _NON_WORD.sub(" ", text).lower().strip()
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename is durable only once they are)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Rename a fully written, fsynced file over ``path`` and make the rename survive a power loss."""
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
 
 
 class EmbeddedIndex:
@@ -92,13 +115,15 @@ class EmbeddedIndex:
         self._db = sqlite3.connect(self.directory / "documents.db", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # NORMAL in WAL mode may lose the last commits on power loss
         self._db.executescript(_SCHEMA)
         self._next_vector_key = 1 + (self._db.execute(
             "SELECT COALESCE(MAX(vector_key), 0) FROM documents").fetchone()[0])
-        self._db.execute("BEGIN")
 
         self._manifest_path = self.directory / "manifest.json"
+        self._pending_ids: set[str] = set()
+        self._distrust_pending()
+        self._db.execute("BEGIN")
 
     # -- ingest side ---------------------------------------------------------------------
 
@@ -132,6 +157,7 @@ class EmbeddedIndex:
                     key = keys[doc.id] = self._next_vector_key
                     self._next_vector_key += 1
                 if upsert.vector is not None:
+                    self._pending_ids.add(doc.id)
                     self._text_writer.delete_documents_by_term("id", doc.id)
                     self._text_writer.add_document(tantivy.Document(id=doc.id, body=doc.embedding_text))
                     self._vectors.remove(key)
@@ -151,6 +177,7 @@ class EmbeddedIndex:
                 if key is None:
                     key = keys[deletion.id] = self._next_vector_key
                     self._next_vector_key += 1
+                self._pending_ids.add(deletion.id)
                 self._text_writer.delete_documents_by_term("id", deletion.id)
                 self._vectors.remove(key)
                 self._db.execute(
@@ -161,33 +188,77 @@ class EmbeddedIndex:
                     (deletion.id, key, deletion.table, json.dumps(list(deletion.position)), now))
 
     def commit(self, offsets: Mapping[str, int]) -> None:
-        """Make the batch durable. Steps, in this order, each finished before the next:
+        """Make the batch durable. Steps, in this order, each durable before the next starts:
 
-        1. text index: tantivy commit (atomic meta swap), then reload its searcher;
-        2. vectors: save the HNSW graph to a temporary file and rename it over the old one;
-        3. documents: commit the SQLite transaction that holds positions and tombstones;
-        4. offsets: write the manifest (write, fsync, rename).
+        1. ``_mark_pending``: the manifest, offsets unchanged, names the ids whose text or vector
+           this batch changes (skipped when there are none);
+        2. ``_commit_text``: tantivy commit (atomic ``meta.json`` swap), fsync of ``text/``,
+           then reload of the searcher;
+        3. ``_commit_vectors``: save the HNSW graph to a temporary file, fsync it, rename it over
+           the old one, fsync the directory;
+        4. ``_commit_documents``: commit the SQLite transaction that holds documents, positions,
+           content hashes and tombstones (WAL with synchronous=FULL: the WAL is fsynced);
+        5. ``_commit_offsets``: the manifest with the new offsets and no pending ids (write,
+           fsync, rename, fsync the directory).
         The caller commits the consumer offsets to Kafka only after this returns.
-        A crash between steps leaves stores ahead of the manifest, never behind it, so
-        replaying from the recorded offsets re-applies idempotent, position-ordered changes.
+        A crash or power loss after step 1 and before step 5 can leave a pending id's text and
+        vector newer than its SQLite row; reopening sets that row's content hash to NULL, so the
+        replay from the recorded offsets re-embeds the id and rewrites its text and vector even
+        when its content equals the stored one (A -> B -> A would otherwise keep B's).
         """
         with self._lock:
-            self._text_writer.commit()
-            self._text.reload()
-            tmp = self._vectors_path.with_suffix(".tmp")
-            self._vectors.save(str(tmp))
-            os.replace(tmp, self._vectors_path)
-            self._db.execute("COMMIT")
-            self._db.execute("BEGIN")
-            merged = {**self.committed_offsets(), **offsets}
-            _atomic_write(self._manifest_path, json.dumps(
-                {"offsets": merged, "documents": self.count(), "committed_at": time.time()},
-                indent=1).encode())
+            if self._pending_ids:
+                self._mark_pending()
+            self._commit_text()
+            self._commit_vectors()
+            self._commit_documents()
+            self._commit_offsets(offsets)
+
+    def _mark_pending(self) -> None:
+        _atomic_write(self._manifest_path, json.dumps(
+            {**self._manifest(), "pending_ids": sorted(self._pending_ids)}, indent=1).encode())
+
+    def _commit_text(self) -> None:
+        self._text_writer.commit()
+        _fsync(self.directory / "text")
+        self._text.reload()
+
+    def _commit_vectors(self) -> None:
+        tmp = self._vectors_path.with_suffix(".tmp")
+        self._vectors.save(str(tmp))
+        _fsync(tmp)
+        _replace_durably(tmp, self._vectors_path)
+
+    def _commit_documents(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+
+    def _commit_offsets(self, offsets: Mapping[str, int]) -> None:
+        merged = {**self.committed_offsets(), **offsets}
+        _atomic_write(self._manifest_path, json.dumps(
+            {"offsets": merged, "documents": self.count(), "committed_at": time.time(), "pending_ids": []},
+            indent=1).encode())
+        self._pending_ids.clear()
 
     def committed_offsets(self) -> dict[str, int]:
+        return self._manifest().get("offsets", {})
+
+    def _manifest(self) -> dict:
         if not self._manifest_path.exists():
             return {}
-        return json.loads(self._manifest_path.read_text())["offsets"]
+        return json.loads(self._manifest_path.read_text())
+
+    def _distrust_pending(self) -> None:
+        """After a commit cut short, forget the content hash of the ids it named (see ``commit``)."""
+        pending = self._manifest().get("pending_ids", [])
+        if not pending:
+            return
+        self._db.execute("BEGIN")
+        for start in range(0, len(pending), 500):
+            chunk = pending[start:start + 500]
+            self._db.execute(
+                f"UPDATE documents SET content_hash = NULL WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        self._db.execute("COMMIT")
 
     # -- query side ----------------------------------------------------------------------
 
