@@ -54,17 +54,42 @@ class BulkWriteFailed(RuntimeError):
 
 
 def position_version(position: Sequence) -> int:
-    """The source position as Elasticsearch's external version (a non-negative long), ordered
-    like the positions of one source: Postgres LSN; MySQL binlog file number, offset, row;
-    else ts_ms. The kinds of one table never mix, so their ranges need not be comparable."""
+    """The source position as Elasticsearch's external version: a non-negative int64 that never
+    decreases along one kind's order (see ``autoglm.events.source_position``), so ``external_gte``
+    never refuses a newer change. Equal versions are accepted, so a version may be coarser than
+    its position and the ingest sink, which compares whole positions, orders the ties.
+
+    Exact (strictly increasing) for: ``lsn`` and ``oracle`` (commit SCN); ``mongo`` up to the
+    year 2106 and 2**31 ops a second; ``binlog`` up to file number 2**19, pos 2**32 and 4095
+    rows an event. Coarser by design: ``pg`` keeps the last commit LSN only, ``sqlserver`` the
+    commit LSN's VLF and block (not its slot, change LSN or serial), ``ts_ms`` the millisecond
+    (not the Kafka offset). A field beyond its width saturates the rest, keeping the order.
+    The kinds of one table never mix, so their ranges need not be comparable."""
     kind = position[0]
-    if kind == "lsn" or kind == "ts_ms":
+    if kind in ("lsn", "ts_ms", "pg", "oracle"):
         return int(position[1])
     if kind == "binlog":
         _, file, offset, row = position
-        file_number = int(str(file).rsplit(".", 1)[-1]) if "." in str(file) else 0
-        return (file_number << 44) | (int(offset) << 12) | min(int(row), 4095)
+        suffix = str(file).rsplit(".", 1)[-1]
+        file_number = int(suffix) if "." in str(file) and suffix.isascii() and suffix.isdigit() else 0
+        return _saturating_pack((file_number, 19), (int(offset), 32), (int(row), 12))
+    if kind == "sqlserver":
+        commit_lsn = int(position[1])  # 32-bit VLF, 32-bit block, 16-bit slot
+        return _saturating_pack((commit_lsn >> 48, 32), ((commit_lsn >> 16) & 0xFFFF_FFFF, 31))
+    if kind == "mongo":
+        return _saturating_pack((int(position[1]), 32), (int(position[2]), 31))
     raise ValueError(f"unknown position kind {kind!r}")
+
+
+def _saturating_pack(*fields: tuple[int, int]) -> int:
+    """Concatenate (value, bits) fields, most significant first. A value wider than its field
+    fills it and every later field with ones, so the result stays monotone in the fields' order."""
+    packed, saturated = 0, False
+    for value, bits in fields:
+        full = (1 << bits) - 1
+        saturated = saturated or value > full
+        packed = (packed << bits) | (full if saturated else value)
+    return packed
 
 
 def index_settings(refresh_interval: str = "1s") -> dict:

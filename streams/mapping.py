@@ -10,10 +10,15 @@ Example ``mapping.toml``::
 
 Tables without an entry use the default mapping: title from ``title`` or ``name``, text
 from ``text``, ``body``, ``content`` or ``description``, every other column as metadata.
+
+Rows come from :func:`autoglm.events.parse_change`, so they are JSON of bounded depth with
+finite numbers and valid Unicode: every document made here can be stored and served as JSON.
+A title, text or key column holding an object or array is rendered as JSON text.
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +72,7 @@ class Mapper:
             key = {name: row[name] for name in id_fields}
         if any(value is None for value in key.values()):
             raise BadEvent(f"missing key: null primary key value in {key}")
-        return f"{event.table}:{','.join(str(value) for value in key.values())}"
+        return f"{event.table}:{','.join(_text(value) for value in key.values())}"
 
     def document(self, event: ChangeEvent, doc_id: str) -> Document:
         row = event.after or {}
@@ -101,4 +106,8 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ("" if value is None else str(value))
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else str(value)

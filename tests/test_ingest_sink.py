@@ -5,9 +5,11 @@ import json
 import pytest
 
 from autoglm.encoder import Encoder
+from autoglm.events import parse_change
 from search.embedded import EmbeddedIndex
 from search.protocol import Deletion, Document
 from streams.ingest import IngestSink, Truncate
+from streams.mapping import Mapper
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,20 @@ def test_offsets_are_recorded_with_the_commit(sink):
     sink.apply([], {"cdc.t:0": 2, "cdc.t:1": 7})
     manifest = json.loads((sink.index.directory / "manifest.json").read_text())
     assert manifest["offsets"] == {"cdc.t:0": 2, "cdc.t:1": 7} and manifest["documents"] == 1
+
+
+def ts_ms_only_update(title, ts_ms, offset):
+    """An update from a connector whose source has only ts_ms, as the worker parses it at ``offset``."""
+    value = {"op": "u", "after": {"id": 1, "title": title}, "source": {"db": "shop", "table": "t", "ts_ms": ts_ms}}
+    event = parse_change(b'{"id": 1}', json.dumps(value), offset=offset)
+    return Mapper().document(event, Mapper().document_id(event))
+
+
+def test_same_millisecond_updates_apply_in_offset_order(sink):
+    report = sink.apply([ts_ms_only_update("first", 1000, 5), ts_ms_only_update("second", 1000, 6)], {})
+    assert sink.index.get("shop.t:1").title == "second" and (report.applied, report.stale) == (1, 1)
+    report = sink.apply([ts_ms_only_update("third", 1000, 7)], {})
+    assert sink.index.get("shop.t:1").title == "third" and report.applied == 1
+    replay = sink.apply([ts_ms_only_update("second", 1000, 6), ts_ms_only_update("third", 1000, 7)], {})
+    assert (replay.applied, replay.stale, replay.duplicate) == (0, 1, 1)
+    assert sink.index.get("shop.t:1").title == "third"

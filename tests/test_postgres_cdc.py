@@ -61,7 +61,7 @@ def test_insert_update_delete_reach_search(postgres, pipeline):
                  " (2, 'Coral reef bleaching', 'Heat stress expels algae.')")
     wait_until(lambda: worker.document("public.notes:2"), 60, 0.2, "the inserted rows to be indexed")
     assert "Permafrost carbon release" in titles(worker, "permafrost methane")
-    assert worker.document("public.notes:1")["source"]["position"][0] == "lsn"
+    assert worker.document("public.notes:1")["source"]["position"][0] == "pg"  # Debezium's sequence
 
     postgres.sql("UPDATE notes SET title = 'Permafrost thaw and methane' WHERE id = 1")
     wait_until(lambda: worker.document("public.notes:1")["title"] == "Permafrost thaw and methane", 30, 0.2,
