@@ -16,9 +16,25 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from autoglm.settings import DEMO_LEARNING_RATE, DEMO_TRAIN_SECONDS, Settings
+from autoglm.settings import DEMO_LEARNING_RATE, DEMO_TRAIN_SECONDS, ApiLimits, Settings
 
 DEFAULT_API = "http://127.0.0.1:8000"
+# The search API's limits (search/limits.py): option -> (ApiLimits field, help).
+API_LIMIT_OPTIONS = {
+    "--api-max-body": ("max_body_bytes", "largest request body in bytes; 413 beyond"),
+    "--api-max-webhook-body": ("max_webhook_body_bytes",
+                               "largest /hooks/mlflow body in bytes, refused before its signature is checked"),
+    "--api-max-feedback-items": ("max_feedback_items", "most events in one POST /feedback; 413 beyond"),
+    "--api-max-query-chars": ("max_query_chars", "longest /search q in characters; 422 beyond"),
+    "--api-header-timeout": ("header_timeout_s", "seconds a client has to send its request headers; 408 after"),
+    "--api-body-timeout": ("body_timeout_s", "seconds a client has to send its request body; 408 after"),
+    "--api-max-concurrency": ("max_concurrent_requests",
+                              "requests in flight beyond which the API answers 503 with Retry-After"),
+}
+
+
+def _dest(option: str) -> str:
+    return option.removeprefix("--").replace("-", "_")
 
 
 def _settings(args: argparse.Namespace, broker: str) -> Settings:
@@ -26,6 +42,7 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     api_port=args.api_port, window_size=args.window_size, window_minutes=args.window_minutes,
                     window_min=args.window_min,
                     feedback_max_wait_s=args.feedback_max_wait, mlflow_uri=args.mlflow_uri,
+                    feedback_retention_s=args.feedback_retention,
                     gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
                     promote_champion=args.promote_champion, query_runtime=args.query_runtime,
                     challenger_share=args.challenger_share, learning_rate=args.learning_rate,
@@ -34,7 +51,9 @@ def _settings(args: argparse.Namespace, broker: str) -> Settings:
                     webhooks=not args.no_webhooks, online_settle_s=args.online_settle,
                     auto_rollback=not args.no_auto_rollback, champion_watch=args.champion_watch,
                     index_backend=args.index, es_url=args.es_url, es_index=args.es_index,
-                    cdc_topics=args.cdc_topics,
+                    cdc_topics=args.cdc_topics, dead_letter_max_bytes=args.dead_letter_max_bytes,
+                    api_limits=ApiLimits(**{field: getattr(args, _dest(option))
+                                            for option, (field, _) in API_LIMIT_OPTIONS.items()}),
                     mapping_file=Path(args.mapping) if args.mapping else None)
 
 
@@ -42,9 +61,14 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     parser.add_argument("--data-dir", default=str(defaults.data_dir), help="index and state directory")
     parser.add_argument("--api-port", type=int, default=defaults.api_port)
+    for option, (field, description) in API_LIMIT_OPTIONS.items():
+        default = getattr(defaults.api_limits, field)
+        parser.add_argument(option, type=type(default), default=default, help=f"{description} (default %(default)s)")
     parser.add_argument("--cdc-topics", default=defaults.cdc_topics,
                         help="regular expression of the Debezium topics to index (default %(default)s)")
     parser.add_argument("--mapping", help="TOML file mapping table rows to documents")
+    parser.add_argument("--dead-letter-max-bytes", type=int, default=defaults.dead_letter_max_bytes,
+                        help="a larger dead letter is sent as a reference to its record (default %(default)s)")
     parser.add_argument("--window-size", type=int, default=defaults.window_size,
                         help="train when this many new examples exist (default %(default)s)")
     parser.add_argument("--window-minutes", type=float, default=defaults.window_minutes,
@@ -53,6 +77,8 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="... the minimum of examples for a window closed on time (default %(default)s)")
     parser.add_argument("--feedback-max-wait", type=float, default=defaults.feedback_max_wait_s,
                         help="seconds feedback waits for its impression (default %(default)s)")
+    parser.add_argument("--feedback-retention", type=float, default=defaults.feedback_retention_s,
+                        help="seconds after its ts that feedback is still accepted (default %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
                         help="AdamW learning rate of each window's fine-tuning (default %(default)s)")
     parser.add_argument("--train-seconds", type=float, default=defaults.train_max_seconds,
@@ -142,14 +168,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "autoglm.cli", "worker", "--broker", address,
                "--data-dir", args.data_dir, "--api-port", str(args.api_port),
                "--cdc-topics", args.cdc_topics, "--group-id", args.group_id,
+               "--dead-letter-max-bytes", str(args.dead_letter_max_bytes),
                "--window-size", str(args.window_size), "--window-minutes", str(args.window_minutes),
                "--window-min", str(args.window_min),
-               "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri]
+               "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri,
+               "--feedback-retention", str(args.feedback_retention)]
     command += ["--query-runtime", args.query_runtime, "--challenger-share", str(args.challenger_share),
                 "--alias-poll", str(args.alias_poll), "--online-settle", str(args.online_settle),
                 "--champion-watch", str(args.champion_watch),
                 "--index", args.index, "--es-index", args.es_index, "--learning-rate", str(args.learning_rate),
                 "--train-seconds", str(args.train_seconds), "--propensities", args.propensities]
+    command += [arg for option in API_LIMIT_OPTIONS for arg in (option, str(getattr(args, _dest(option))))]
     command += ["--es-url", args.es_url] if args.es_url else []
     command += ["--no-webhooks"] if args.no_webhooks else []
     command += ["--no-auto-rollback"] if args.no_auto_rollback else []

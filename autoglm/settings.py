@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoglm.interactions import FEEDBACK_RETENTION_S
+
 
 # The demo's (and learning benchmark's) learning rate. Replaying five recorded click windows on
 # the dev split, 2e-5 x 2 epochs improved every window (+4.2 points dense after five); 1e-5, the
@@ -27,6 +29,19 @@ class FusionWeights:
 
 
 @dataclass(frozen=True)
+class ApiLimits:
+    """What one request may make the search API hold; search/limits.py says why each limit exists."""
+
+    max_body_bytes: int = 1_048_576  # 413 beyond; checked on Content-Length and while reading
+    max_webhook_body_bytes: int = 65_536  # /hooks/mlflow, before its signature is computed
+    max_feedback_items: int = 1000  # per POST /feedback; 413 beyond
+    max_query_chars: int = 2000  # /search q; 422 beyond
+    header_timeout_s: float = 10.0  # to send the request line and headers; 408 after
+    body_timeout_s: float = 30.0  # to send the whole body; 408 after
+    max_concurrent_requests: int = 64  # 503 with Retry-After beyond (/healthz and /metrics exempt)
+
+
+@dataclass(frozen=True)
 class Settings:
     broker: str = "127.0.0.1:9092"
     # Kafka consumer group of the ingest workers; one group per index.
@@ -43,6 +58,9 @@ class Settings:
     # How often the worker looks for new topics matching cdc_topics.
     topic_refresh_s: float = 5.0
     topic_partitions: int = 4
+    # A dead letter larger than this (key + value + headers) is sent as a reference to the record
+    # (streams/dead_letters.py); below the 1 MB a Kafka producer and broker accept by default.
+    dead_letter_max_bytes: int = 900_000
     # Feedback -> training windows (issue 3).
     window_size: int = 1000  # close a window when this many new examples exist
     window_minutes: float = 60.0  # ... or after this long, with at least window_min of them
@@ -50,6 +68,8 @@ class Settings:
     session_share: float = 0.05  # at most this share of a window from one session
     impression_ttl_s: float = 3600.0  # feedback is joined to impressions younger than this
     feedback_max_wait_s: float = 60.0  # feedback waits this long for its impression
+    feedback_retention_s: float = FEEDBACK_RETENTION_S  # older feedback (by its ts) is refused
+    feedback_per_query: int = 100  # feedback events the join keeps per query_id; more are dead-lettered
     # Learning loop: the MLflow tracking URI enables the trainer; gate_dataset is a BEIR folder
     # whose dev split scores every candidate; promote_champion lets the trainer move the
     # champion alias itself (demo only: a person does it in the MLflow UI).
@@ -86,6 +106,7 @@ class Settings:
     rrf_k: int = 60
     fusion_weights: FusionWeights = field(default_factory=FusionWeights)
     fusion_candidates: int = 100
+    api_limits: ApiLimits = field(default_factory=ApiLimits)
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -6,7 +6,9 @@ query_id lives in a Faust table (changelog-backed, so it survives a restart):
 
 - an impression opens an interaction; feedback that came before it (and waited at most
   ``feedback_max_wait_s``) is joined then;
-- a feedback event is deduplicated by event_id; a positive one becomes a training example;
+- a feedback event is deduplicated by event_id and by (doc_id, type); a positive one becomes a
+  training example. The state per query_id is bounded (feedback/join.py: events per query,
+  bytes per record), since one record is one changelog message; what does not fit is a dead letter;
 - an interaction expires ``impression_ttl_s`` after it opened; feedback still without an
   impression after ``feedback_max_wait_s`` goes to the dead-letter topic. Faust lets only a
   stream modify a table, so expiry runs in the agent, at most once a second. When no events
@@ -22,11 +24,14 @@ still makes examples but no longer changes the online metrics.
 Examples go to the example store (deduplicated). When ``window_size`` new examples exist,
 or ``window_minutes`` passed with at least ``window_min`` of them, a window is closed and a
 training request is published to ``autoglm.training``.
+
+Anyone can produce to the input topics, so a record is validated at the edge (autoglm/
+interactions.py) and any failure in parsing or joining it dead-letters that record alone: the
+join state holds only validated values, and the agent never stops on a record.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -35,13 +40,14 @@ from pydantic import ValidationError
 from prometheus_client import Counter, Gauge
 
 from autoglm import topics
-from autoglm.interactions import Feedback, Impression, TrainingRequest
+from autoglm.interactions import (Feedback, Impression, TrainingRequest, first_error, parse_feedback_json,
+                                  parse_impression_json)
 from autoglm.settings import Settings
 from feedback.examples import ExamplePolicy, build_example, is_positive
+from feedback.join import Interaction, JoinLimits, StoredFeedback, Verdict, expiry_facts
 from feedback.online import METRICS, RANKS, ArmStats
 from feedback.propensity import PositionBiasModel
 from feedback.store import ExampleStore
-from search.serving import CHAMPION
 from streams.dead_letters import DeadLetters
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ class FeedbackProcessor:
         self.bias = PositionBiasModel(shown=shown, clicked=clicked,
                                       estimate_from_log=settings.propensities == "log")
         self.dead_letters = DeadLetters(app)
+        self.limits = JoinLimits(feedback_per_query=settings.feedback_per_query)
         self.training = app.topic(topics.TRAINING, key_serializer="raw", value_serializer="raw")
         self.interactions = app.Table("interactions", default=None, partitions=1)
         self.arm_stats = app.Table("arm_stats", default=None, partitions=1)
@@ -86,76 +93,76 @@ class FeedbackProcessor:
             if message.topic == topics.CLOCK:
                 continue
             kind = "impression" if message.topic == topics.IMPRESSIONS else "feedback"
+            parse = parse_impression_json if kind == "impression" else parse_feedback_json
             try:
-                parsed = (Impression if kind == "impression" else Feedback).model_validate_json(message.value)
-            except (ValidationError, ValueError, TypeError) as exc:
+                parsed = parse(message.value, retention_s=self.settings.feedback_retention_s)
+            except ValidationError as exc:
                 FEEDBACK_EVENTS.labels(kind, "invalid").inc()
-                await self.dead_letters.send(message, f"invalid {kind}: {_first_error(exc)}")
+                await self.dead_letters.send(message, f"invalid {kind}: {first_error(exc)}")
                 continue
             try:
                 if isinstance(parsed, Impression):
-                    await self._on_impression(parsed)
+                    await self._on_impression(parsed, message)
                 else:
                     await self._on_feedback(parsed, message)
             except Exception as exc:  # a bug must cost one record, not the stream
                 log.exception("feedback processing failed")
                 FEEDBACK_EVENTS.labels(kind, "failed").inc()
-                await self.dead_letters.send(message, f"processing failed: {exc!r}")
+                await self.dead_letters.send(message, f"processing failed: {type(exc).__name__}")
 
-    async def _on_impression(self, impression: Impression) -> None:
-        state = self.interactions.get(impression.query_id) or _new_state()
-        if state["impression"] is not None:
-            FEEDBACK_EVENTS.labels("impression", "duplicate").inc()
+    def _interaction(self, query_id: str) -> Interaction:
+        return Interaction.from_record(query_id, self.interactions.get(query_id), time.time(), self.limits)
+
+    async def _kept(self, kind: str, verdict: Verdict, message) -> bool:
+        """Count the verdict and dead-letter a refused record; True when the record joined or waits."""
+        FEEDBACK_EVENTS.labels(kind, verdict.outcome).inc()
+        if verdict.outcome == "refused":
+            await self.dead_letters.send(message, verdict.reason)
+        return verdict.outcome in ("joined", "waiting")
+
+    async def _on_impression(self, impression: Impression, message) -> None:
+        interaction = self._interaction(impression.query_id)
+        verdict = interaction.add_impression(impression, self.limits)
+        if not await self._kept("impression", verdict, message):
             return
-        state["impression"] = json.loads(impression.model_dump_json())
+        self.interactions[impression.query_id] = interaction.to_record()
         self.bias.observe_impression(len(impression.hits))
         self.store.add_rank_stats(shown_ranks=len(impression.hits))
-        FEEDBACK_EVENTS.labels("impression", "joined").inc()
-        waiting = [Feedback.model_validate(item["event"]) for item in state["feedback"]]
-        FEEDBACK_EVENTS.labels("feedback", "joined").inc(len(waiting))
-        self.interactions[impression.query_id] = state
-        await self._add_examples(impression, [f for f in waiting if is_positive(f, self.policy)], waiting)
+        FEEDBACK_EVENTS.labels("feedback", "joined").inc(len(verdict.joined))
+        positives = [f for f in verdict.joined if is_positive(f, self.policy)]
+        await self._add_examples(impression, positives, list(verdict.joined))
 
     async def _on_feedback(self, event: Feedback, message) -> None:
-        state = self.interactions.get(event.query_id) or _new_state()
-        if str(event.event_id) in state["event_ids"]:
-            FEEDBACK_EVENTS.labels("feedback", "duplicate").inc()
+        interaction = self._interaction(event.query_id)
+        verdict = interaction.add_feedback(event, message.partition, message.offset, self.limits)
+        if not await self._kept("feedback", verdict, message):
             return
-        state["event_ids"].append(str(event.event_id))
-        state["feedback"].append({"event": json.loads(event.model_dump_json()), "partition": message.partition,
-                                  "offset": message.offset})
-        self.interactions[event.query_id] = state
+        self.interactions[event.query_id] = interaction.to_record()
         if event.type == "click":
             self.bias.observe_click(event.position)
             self.store.add_rank_stats(clicked_rank=event.position)
-        if state["impression"] is None:
-            FEEDBACK_EVENTS.labels("feedback", "waiting").inc()
-            return
-        FEEDBACK_EVENTS.labels("feedback", "joined").inc()
-        if is_positive(event, self.policy):
-            known = [Feedback.model_validate(item["event"]) for item in state["feedback"]]
-            await self._add_examples(Impression.model_validate(state["impression"]), [event], known)
+        if verdict.outcome == "joined" and is_positive(event, self.policy):
+            await self._add_examples(interaction.impression, [event], interaction.events)
 
     def online(self) -> dict[tuple[str, str], ArmStats]:
         """(model version, arm) -> online metrics so far; a copy, safe to read from other threads."""
         return dict(self._online)
 
-    def _count_online(self, state: dict) -> None:
+    def _count_online(self, interaction: Interaction) -> None:
         """Fold a settled interaction into its arm's metrics: one impression, its first click in
         the top 10 (by time), whether it was skipped."""
-        impression = state["impression"]
-        arm = impression.get("arm", CHAMPION)  # impressions stored before arms existed
-        key = f"{impression['model_version']}|{arm}"
+        impression = interaction.impression
+        key = f"{impression.model_version}|{impression.arm}"
         stats = ArmStats(**(self.arm_stats.get(key) or {}))
         stats.impressions += 1
-        events = [item["event"] for item in state["feedback"]]
-        first_click = next((e for e in events if e["type"] == "click" and e["position"] <= RANKS), None)
+        events = interaction.events
+        first_click = next((e for e in events if e.type == "click" and e.position <= RANKS), None)
         if first_click:
             stats.clicked += 1
-            stats.reciprocal_rank_sum += 1.0 / first_click["position"]
-        stats.skipped += any(e["type"] == "skip" for e in events)
+            stats.reciprocal_rank_sum += 1.0 / first_click.position
+        stats.skipped += any(e.type == "skip" for e in events)
         self.arm_stats[key] = stats.to_dict()
-        self._publish_online(impression["model_version"], arm, stats)
+        self._publish_online(impression.model_version, impression.arm, stats)
 
     def _publish_online(self, version: str, arm: str, stats: ArmStats) -> None:
         self._online[(version, arm)] = stats
@@ -182,21 +189,33 @@ class FeedbackProcessor:
         if not self._online and self.arm_stats:  # first sweep after a restart: show what the table holds
             for key, counts in self.arm_stats.items():
                 self._publish_online(*key.split("|", 1), ArmStats(**counts))
-        for query_id, state in list(self.interactions.items()):
-            age = now - state["opened_at"]
-            if state["impression"] is not None and not state.get("counted") and age >= self.settings.online_settle_s:
-                self._count_online(state)
-                state["counted"] = True
-                self.interactions[query_id] = state
-            if state["impression"] is None and age > self.settings.feedback_max_wait_s:
-                for item in state["feedback"]:
-                    FEEDBACK_EVENTS.labels("feedback", "no_impression").inc()
-                    await self.dead_letters.send(_Orphan(query_id, item),
-                                                 f"no impression for query_id within "
-                                                 f"{self.settings.feedback_max_wait_s:.0f} s")
-                del self.interactions[query_id]
-            elif state["impression"] is not None and age > self.settings.impression_ttl_s:
-                del self.interactions[query_id]
+        for query_id, record in list(self.interactions.items()):
+            try:
+                await self._expire_one(query_id, record, now)
+            except Exception:  # never the agent: the next sweep tries again
+                log.exception("expiry of the join state of %r failed", query_id)
+
+    async def _expire_one(self, query_id: str, record, now: float) -> None:
+        facts = expiry_facts(query_id, record)
+        if facts is None:
+            del self.interactions[query_id]
+            return
+        age = now - facts.opened_at
+        if facts.joined and not facts.counted and age >= self.settings.online_settle_s:
+            interaction = Interaction.from_record(query_id, record, now, self.limits)
+            if interaction.impression is not None:
+                self._count_online(interaction)
+            interaction.counted = True
+            self.interactions[query_id] = interaction.to_record()
+        if not facts.joined and age > self.settings.feedback_max_wait_s:
+            for item in Interaction.from_record(query_id, record, now, self.limits).feedback:
+                FEEDBACK_EVENTS.labels("feedback", "no_impression").inc()
+                await self.dead_letters.send(_Orphan(query_id, item),
+                                             f"no impression for query_id within "
+                                             f"{self.settings.feedback_max_wait_s:.0f} s")
+            del self.interactions[query_id]
+        elif facts.joined and age > self.settings.impression_ttl_s:
+            del self.interactions[query_id]
 
     async def _tick_when_idle(self) -> None:
         """Wake the agent when interactions wait to settle or expire and no event has come for a while."""
@@ -226,17 +245,6 @@ class FeedbackProcessor:
 class _Orphan:
     """A feedback event that never met its impression, shaped as the record it came in."""
 
-    def __init__(self, query_id: str, item: dict):
-        self.topic, self.partition, self.offset = topics.FEEDBACK, item["partition"], item["offset"]
-        self.key, self.value = query_id.encode(), json.dumps(item["event"]).encode()
-
-
-def _new_state() -> dict:
-    return {"impression": None, "feedback": [], "event_ids": [], "opened_at": time.time()}
-
-
-def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        error = exc.errors()[0]
-        return f"{'.'.join(map(str, error['loc'])) or 'event'}: {error['msg']}"
-    return str(exc)
+    def __init__(self, query_id: str, item: StoredFeedback):
+        self.topic, self.partition, self.offset = topics.FEEDBACK, item.partition, item.offset
+        self.key, self.value = query_id.encode(), item.event.model_dump_json().encode()

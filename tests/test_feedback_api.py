@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -63,10 +64,24 @@ def test_feedback_is_validated_and_published(worker, broker):
     ({"type": "rating", "value": 9}, "rating needs value between 1 and 5"),
     ({"type": "dwell"}, "dwell needs value"),
     ({"surprise": 1}, "surprise"),
+    # Each of these was accepted (202) and then dead-lettered, or worse (issue 9).
+    ({"type": "dwell", "value": float("nan")}, "value: Input should be a finite number"),
+    ({"type": "rating", "value": float("inf")}, "value: Input should be a finite number"),
+    ({"type": "dwell", "value": 86401}, "dwell needs value between 0 and 86400"),
+    ({"position": True}, "position: Input should be a valid integer"),
+    ({"position": "3"}, "position: Input should be a valid integer"),
+    ({"position": 3.0}, "position: Input should be a valid integer"),
+    ({"position": 10**9}, "position: Input should be less than or equal to 1000"),
+    ({"position": 10**30}, "position: Input should be less than or equal to 1000"),
+    ({"ts": "0001-01-01T00:00:00Z"}, "ts is older than the feedback retention"),
+    ({"ts": "9999-12-31T23:59:59Z"}, "ts is more than 300 s in the future"),
+    ({"doc_id": "d" * 257}, "doc_id: String should have at most 256 characters"),
+    ({"session_id": "s" * 257}, "session_id: String should have at most 256 characters"),
 ])
 def test_invalid_feedback_is_refused_with_a_reason_per_item(worker, broker, bad, reason):
     query_id = str(uuid.uuid4())
-    response = worker.client.post("/feedback", json=[feedback(query_id), feedback(query_id, **bad)])
+    body = json.dumps([feedback(query_id), feedback(query_id, **bad)])  # NaN and Infinity as JSON literals
+    response = worker.client.post("/feedback", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     body = response.json()
     assert [item["index"] for item in body["rejected"]] == [1] and reason in body["rejected"][0]["reason"]

@@ -13,7 +13,7 @@ from autoglm.debezium import change_event, producer
 from autoglm.interactions import Impression, ShownHit
 from autoglm.broker import EmbeddedBroker
 from autoglm.topics import DEAD_LETTERS, FEEDBACK, IMPRESSIONS, PLATFORM_TOPICS, TRAINING, ensure_topics
-from tests.conftest import WorkerProcess, read_topic, wait_until
+from tests.conftest import WorkerProcess, group_for, read_topic, wait_until
 
 WINDOW = 4
 
@@ -103,6 +103,68 @@ def test_invalid_and_orphan_feedback_go_to_dead_letters(worker, kafka, broker):
     assert (b"bad", IMPRESSIONS, "invalid impression") in reasons
     assert (orphan.encode(), FEEDBACK, "no impression for query_id within 2 s") in reasons
     assert worker.client.get("/healthz").status_code == 200
+
+
+def shown(query_id: str, docs: int = 3) -> bytes:
+    return Impression(query_id=query_id, query="enzyme", mode="hybrid", model_version="base", session_id="u",
+                      hits=[ShownHit(doc_id=f"join.docs:{rank}", position=rank, score=1.0 / rank)
+                            for rank in range(1, docs + 1)]).model_dump_json().encode()
+
+
+def dead_letters_for(broker: str, query_id: str, expected: int, timeout: float = 20) -> list:
+    return read_topic(broker, DEAD_LETTERS, lambda v: query_id.encode() in v, expected, timeout, bytes)
+
+
+def test_a_nan_dwell_is_a_dead_letter_and_later_clicks_on_its_query_still_join(worker, kafka, broker):
+    """A literal NaN passed validation before, was stored as null, and failed every later record
+    of its query_id with 'processing failed: ValidationError'."""
+    query_id, before = str(uuid.uuid4()), examples(worker)
+    send(kafka, IMPRESSIONS, query_id, shown(query_id))
+    nan_dwell = json.dumps(click(query_id, "join.docs:1", 1, "nan-user", type="dwell", value=0.0))
+    send(kafka, FEEDBACK, query_id, nan_dwell.replace('"value": 0.0', '"value": NaN').encode())
+    send(kafka, FEEDBACK, query_id, click(query_id, "join.docs:2", 2, "nan-user"))
+    wait_until(lambda: examples(worker) == before + 1, 20, 0.1, "the click after the NaN to make an example")
+    [(_, _, headers)] = dead_letters_for(broker, query_id, 1)
+    assert headers["error"].startswith("invalid feedback: value") and "finite" in headers["error"]
+
+
+def test_a_flood_of_feedback_for_one_query_keeps_its_state_bounded(worker, kafka, broker):
+    """Thousands of events for one query_id, straight onto the topic in large producer batches:
+    the join keeps the first 100 distinct ones, counts repeats as duplicates, dead-letters the
+    rest with a reason, its state stays one small changelog record, and the worker keeps going."""
+    query_id, distinct, repeats = str(uuid.uuid4()), 3000, 1000
+    before_examples = examples(worker)
+    refused_before = worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="refused")
+    duplicates_before = worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="duplicate")
+    batching = producer(broker, **{"linger.ms": 50, "batch.num.messages": 1000})
+    batching.produce(IMPRESSIONS, key=query_id.encode(), value=shown(query_id))
+    first = click(query_id, "join.docs:2", 2, "flooder")
+    flood = [first] + [first] * (repeats // 2) + [click(query_id, "join.docs:2", 2, "flooder")
+                                                   for _ in range(repeats // 2)]
+    flood += [click(query_id, f"flood:{i}:" + "x" * 150, 1, "flooder") for i in range(distinct - 1)]
+    for event in flood:
+        batching.produce(FEEDBACK, key=query_id.encode(), value=json.dumps(event).encode())
+    assert batching.flush(30) == 0
+
+    excess = distinct - 100
+    wait_until(lambda: worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="refused")
+               >= refused_before + excess, 120, 0.5, "the excess to be refused")
+    assert worker.metric("autoglm_feedback_events_total", kind="feedback",
+                         outcome="duplicate") == duplicates_before + repeats
+    assert examples(worker) == before_examples + 1  # the genuine click on a shown document
+    letters = dead_letters_for(broker, query_id, excess, 60)
+    assert len(letters) == excess
+    assert {h["error"] for _, _, h in letters} == {"too many feedback events for one query_id: the limit is 100"}
+
+    changelog = f"{group_for(worker.data_dir)}-interactions-changelog"
+    states = read_topic(broker, changelog, lambda v: v is not None and query_id.encode() in v, 101, 20, bytes)
+    assert len(states) >= 101  # the impression, then each of the 100 events it keeps
+    assert max(len(value) for _, value, _ in states) < 64_000
+    assert worker.client.get("/healthz").status_code == 200 and worker.process.poll() is None
+    later = str(uuid.uuid4())
+    send(kafka, IMPRESSIONS, later, shown(later))
+    send(kafka, FEEDBACK, later, click(later, "join.docs:1", 1, "after-flood"))
+    wait_until(lambda: examples(worker) == before_examples + 2, 30, 0.2, "a later query to still join")
 
 
 def test_a_window_closes_on_time_once_it_holds_the_minimum(tmp_path):
