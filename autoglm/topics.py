@@ -1,4 +1,5 @@
-"""Topic names the platform owns, and the admin calls that create and find topics.
+"""Topic names the platform owns, the admin calls that create and find topics, and probes of
+where a partition's log starts and ends.
 
 Every topic is created explicitly before use: some brokers auto-create unknown topics
 with their own defaults on first produce, which would silently change partitioning.
@@ -7,8 +8,9 @@ with their own defaults on first produce, which would silently change partitioni
 from __future__ import annotations
 
 import re
+import time
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 DEAD_LETTERS = "autoglm.dlq"
@@ -54,3 +56,43 @@ def matching_topics(broker: str, pattern: str) -> list[str]:
     """
     regex = re.compile(pattern)
     return sorted(name for name in list_topics(broker) if regex.search(name))
+
+
+def _reader(broker: str) -> Consumer:
+    """A consumer that only reads assigned partitions: it never joins or commits for a group."""
+    return Consumer({"bootstrap.servers": broker, "group.id": "autoglm-log-probe", "enable.auto.commit": False,
+                     "auto.offset.reset": "error", "socket.timeout.ms": 5000, "log_level": 0})
+
+
+def log_bounds(broker: str, partitions: list[tuple[str, int]],
+               timeout: float = 5.0) -> dict[tuple[str, int], tuple[int, int]]:
+    """(start, end) offsets of each partition's log as the broker reports them. The embedded
+    broker may report an end below the real one (last batch's base offset + 1): confirm an end
+    that matters with ``holds_record``."""
+    consumer = _reader(broker)
+    try:
+        return {(topic, partition): consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+                for topic, partition in partitions}
+    finally:
+        consumer.close()
+
+
+def holds_record(broker: str, topic: str, partition: int, offset: int, timeout: float = 3.0) -> bool:
+    """Whether the partition's log holds a record at ``offset`` (or after it, where compaction
+    removed that one), found by reading there; False when the offset is out of range or nothing
+    comes within ``timeout``."""
+    consumer = _reader(broker)
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = consumer.poll(min(remaining, 0.5))
+            if message is None:
+                continue
+            if message.error() is None:
+                return message.offset() >= offset
+            if message.error().code() in (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
+                return False
+        return False
+    finally:
+        consumer.close()

@@ -255,7 +255,7 @@ class ElasticsearchIndex:
             else:
                 failures.append(result)
         if failures:
-            raise BulkWriteFailed(failures)  # transient: the pending actions stay, all are resent
+            raise BulkWriteFailed(failures)  # transient: the caller rolls back and applies the batch again
         self._pending = ([], [])
         if refused:
             raise RefusedChanges(refused)
@@ -264,6 +264,20 @@ class ElasticsearchIndex:
         merged = {**self.committed_offsets(), **offsets}
         self.client.index(index=self.offsets_index, id="offsets", document={"offsets": merged},
                           refresh="wait_for")
+
+    def rollback(self) -> None:
+        """Writes wait in ``_pending`` until ``commit`` sends them: dropping those is the rollback."""
+        self._pending = ([], [])
+
+    def is_unavailable(self, exc: BaseException) -> bool:
+        """The cluster unreachable, overloaded or failing (transport errors, 408, 429, 5xx, bulk
+        items failing that way), not a document it refuses."""
+        from elastic_transport import TransportError
+        from elasticsearch import ApiError
+
+        if isinstance(exc, ApiError):
+            return exc.status_code in (408, 429) or exc.status_code >= 500
+        return isinstance(exc, (TransportError, BulkWriteFailed, OSError))
 
     def committed_offsets(self) -> dict[str, int]:
         found = self.client.options(ignore_status=404).get(index=self.offsets_index, id="offsets").body

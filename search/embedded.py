@@ -107,10 +107,8 @@ class EmbeddedIndex:
         self._text_writer = self._text.writer(heap_size=64_000_000, num_threads=1)
 
         self._vectors_path = self.directory / "vectors.usearch"
-        self._vectors = VectorIndex(ndim=dimension, metric="cos", dtype="f32",
-                                    expansion_search=hnsw_ef_search)
-        if self._vectors_path.exists():
-            self._vectors.load(str(self._vectors_path))
+        self._hnsw_ef_search = hnsw_ef_search
+        self._vectors = self._load_vectors()
 
         self._db = sqlite3.connect(self.directory / "documents.db", check_same_thread=False,
                                    isolation_level=None)
@@ -320,12 +318,35 @@ class EmbeddedIndex:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM documents WHERE deleted = 0").fetchone()[0]
 
+    def rollback(self) -> None:
+        """Back to the last commit: tantivy's and SQLite's open transactions are dropped and the
+        vectors reread from their file. A commit that failed after its first step is treated as
+        on reopen (its pending ids are distrusted), since the stores it reached keep its writes."""
+        with self._lock:
+            self._text_writer.rollback()
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._vectors = self._load_vectors()
+            self._pending_ids.clear()
+            self._distrust_pending()
+            self._db.execute("BEGIN")
+
+    def is_unavailable(self, exc: BaseException) -> bool:
+        """The disk or the database file failing (full, read-only, locked), not a record."""
+        return isinstance(exc, (OSError, sqlite3.OperationalError))
+
     def close(self) -> None:
         with self._lock:
             self._db.execute("ROLLBACK")
             self._db.close()
             self._text_writer.rollback()
             del self._text_writer
+
+    def _load_vectors(self) -> VectorIndex:
+        vectors = VectorIndex(ndim=self.dimension, metric="cos", dtype="f32", expansion_search=self._hnsw_ef_search)
+        if self._vectors_path.exists():
+            vectors.load(str(self._vectors_path))
+        return vectors
 
     def _vector_keys(self, ids: Sequence[str], live_only: bool = False) -> dict[str, int]:
         keys: dict[str, int] = {}

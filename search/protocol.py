@@ -13,7 +13,11 @@ Contract, checked by ``tests/conformance.py`` for every backend:
 - ids of deleted documents are never returned by ``get`` or by searches;
 - ``commit`` may raise ``RefusedChanges`` for items the backend refuses for good (a document
   its mapping rejects, say): the other items are applied, but no offsets are recorded, so the
-  caller can dead-letter the refused ones and commit the batch again without them.
+  caller can dead-letter the refused ones and commit the batch again without them;
+- ``rollback`` drops every write since the last commit, so a batch that failed half-way can be
+  applied again, or in parts, from what is durable;
+- ``is_unavailable`` tells a failure of the backend's store (disk, cluster, network: retried)
+  from one a record caused (dead-lettered).
 """
 
 from __future__ import annotations
@@ -100,6 +104,12 @@ class Index(Protocol):
     def commit(self, offsets: Mapping[str, int]) -> None:
         """Make every write so far durable and searchable, with the offsets ("topic:partition" ->
         next offset to read) recorded atomically after the data."""
+
+    def rollback(self) -> None:
+        """Drop the writes since the last commit (after a failed ``write_batch`` or ``commit``)."""
+
+    def is_unavailable(self, exc: BaseException) -> bool:
+        """True when ``exc`` is this backend's store failing, which a retry may cure."""
 
     def committed_offsets(self) -> dict[str, int]:
         ...

@@ -17,7 +17,9 @@ the index manifest, written before any Kafka commit) then moves its partitions t
 record says (``app.resume_offsets``): it is the truth about what the index holds. A Kafka
 offset that ran ahead of it (an index restored from a backup or rebuilt from scratch, offsets
 reset by hand, a partition that moved between workers) would otherwise skip records the index
-never applied; one that lags it would replay, and re-check, records already applied.
+never applied; one that lags it would replay, and re-check, records already applied. The
+processor checks its record against each partition's log first: a log that no longer reaches
+it (a reset source) is read from its start (see ``streams/cdc.py``).
 """
 
 from __future__ import annotations

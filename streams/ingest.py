@@ -8,7 +8,9 @@ It owns the ingest commit protocol. For each batch, in this order:
 3. apply the batch to the index stores;
 4. make them durable and record the consumer offsets (``Index.commit``).
 The caller acks the batch's Kafka records only after ``apply`` returns, and Kafka offsets are
-committed from those acks. A crash anywhere replays records whose effect is idempotent.
+committed from those acks. A crash anywhere replays records whose effect is idempotent; a
+failure raised anywhere rolls the index back to its last commit first (``Index.rollback``), so
+the caller can apply the batch again, or in parts, on a clean slate.
 """
 
 from __future__ import annotations
@@ -56,7 +58,15 @@ class IngestSink:
         self.encoder = encoder
 
     def apply(self, changes: Sequence[Change], offsets: Mapping[str, int]) -> BatchReport:
-        """Apply the changes in order and commit them with the offsets; see the module docstring."""
+        """Apply the changes in order and commit them with the offsets, or roll back and raise;
+        see the module docstring."""
+        try:
+            return self._apply(changes, offsets)
+        except BaseException:
+            self.index.rollback()
+            raise
+
+    def _apply(self, changes: Sequence[Change], offsets: Mapping[str, int]) -> BatchReport:
         report = BatchReport()
         segment: list[Document | Deletion] = []
         for change in changes:

@@ -176,3 +176,16 @@ class IndexConformance:
             assert reopened.committed_offsets() == {"t:0": 1}
         finally:
             reopened.close()
+
+    def test_rollback_drops_the_writes_since_the_last_commit(self, index):
+        self.write(index, [Upsert(doc("public.items:1", "Glacier retreat", position=1), unit_vector(1))],
+                   offsets={"cdc.t:0": 1})
+        index.write_batch([Upsert(doc("public.items:1", "Volcanic ash", position=2), unit_vector(2)),
+                           Upsert(doc("public.items:2", "Volcanic soil", position=3), unit_vector(3))], [])
+        index.rollback()
+        self.write(index, offsets={"cdc.t:0": 1})  # a later commit must not make the dropped writes durable
+        assert index.get("public.items:1").title == "Glacier retreat" and index.get("public.items:2") is None
+        assert index.search_text("volcanic", 10) == []
+        assert [hit.id for hit in index.search_vector(unit_vector(1), 1)] == ["public.items:1"]
+        assert index.states(["public.items:1"])["public.items:1"].position == ("lsn", 1)
+        assert index.committed_offsets() == {"cdc.t:0": 1}

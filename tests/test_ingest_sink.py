@@ -86,3 +86,17 @@ def test_same_millisecond_updates_apply_in_offset_order(sink):
     replay = sink.apply([ts_ms_only_update("second", 1000, 6), ts_ms_only_update("third", 1000, 7)], {})
     assert (replay.applied, replay.stale, replay.duplicate) == (0, 1, 1)
     assert sink.index.get("shop.t:1").title == "third"
+
+
+def test_a_batch_that_fails_half_way_leaves_nothing_of_it_behind(sink):
+    """The index refuses a change part-way through writing it (its position cannot be stored):
+    the sink rolls back, so the change's text and vector are not made durable by the next commit."""
+    sink.apply([doc(1, "Glacier retreat", 1)], {"cdc.t:0": 1})
+    unstorable = Document(id="public.t:2", table="public.t", title="Zebra migration", text="",
+                          position=("lsn", object()))
+    with pytest.raises(TypeError):
+        sink.apply([doc(1, "Glacier retreat and zebra", 2), unstorable], {"cdc.t:0": 3})
+    sink.apply([doc(3, "Coral reefs", 3)], {"cdc.t:0": 3})
+    assert [hit.id for hit in sink.index.search_text("zebra", 10)] == []
+    assert sink.index.get("public.t:1").title == "Glacier retreat"
+    assert sorted(sink.index.vectors(["public.t:1", "public.t:2", "public.t:3"])) == ["public.t:1", "public.t:3"]

@@ -7,10 +7,11 @@ import signal
 
 import pytest
 
+from autoglm.broker import EmbeddedBroker
 from autoglm.debezium import change_event, producer
 from autoglm.settings import Settings
 from autoglm.topics import ensure_topics
-from tests.conftest import wait_until
+from tests.conftest import WorkerProcess, wait_until
 
 EVENTS = 2000
 KEYS = 400
@@ -133,3 +134,36 @@ def test_a_restored_or_rebuilt_data_dir_reads_from_where_its_own_index_ends(brok
     rebuilt = start_worker(data_dir, only_this_topic)
     assert_comes_to_serve(rebuilt, expected, 180)
     assert rebuilt.metric("autoglm_events_received_total") == len(events)
+
+
+@pytest.mark.slow
+def test_a_source_reset_under_the_index_is_read_again_from_its_start(tmp_path):
+    """The embedded broker starts empty after a restart while the index's manifest still holds
+    the old offsets: new events at offsets below them used to be skipped, without a word."""
+    topic, only_this_topic = "cdc.reset.items", ["--cdc-topics", r"^cdc\.reset\."]
+    data_dir = tmp_path / "data"
+    before_reset, live_before_reset = scripted_events(30)
+    with EmbeddedBroker() as first:
+        ensure_topics(first.address, [topic], partitions=1)
+        worker = WorkerProcess(first.address, data_dir, tmp_path / "first.log", only_this_topic).wait_healthy()
+        publish_all(first.address, topic, before_reset)
+        wait_until(lambda: worker.metric("autoglm_documents") == len(live_before_reset), 120, 0.2,
+                   "the events before the reset")
+        assert worker.stop() == 0
+
+    after_reset = [change_event("c", "crash", "items", {"id": f"new{n}"},
+                                after={"id": f"new{n}", "title": f"after the reset {n}"}, lsn=100 + n)
+                   for n in range(5)]
+    with EmbeddedBroker() as second:
+        ensure_topics(second.address, [topic], partitions=1)
+        worker = WorkerProcess(second.address, data_dir, tmp_path / "second.log", only_this_topic).wait_healthy()
+        try:
+            publish_all(second.address, topic, after_reset)
+            for n in range(5):
+                wait_until(lambda: worker.document(f"crash.items:new{n}"), 60, 0.2,
+                           f"event {n} after the reset; log:\n{worker.log_tail(30)}")
+            log = worker.log_path.read_text()
+            assert f"{topic}:0" in log and "reset" in log and "offset 30" in log, worker.log_tail(30)
+            assert worker.metric("autoglm_documents") == len(live_before_reset) + len(after_reset)
+        finally:
+            worker.stop()
