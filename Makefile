@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/ingest.py --dataset ../shared/data/scifact
 	$(BIN)/python bench/learning.py --dataset ../shared/data/scifact
 	$(BIN)/python bench/promotion.py
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) autoglm-data

@@ -66,12 +66,15 @@ class ChangeEvent:
 def is_newer(candidate: Position, stored: Position) -> bool:
     """True when candidate comes strictly after stored in the source's order.
 
-    Positions of different kinds cannot be compared; the later arrival wins then, which is
-    what a reconfigured pipeline expects (a connector changed), and what an upgrade meets once
-    per document: positions stored as ("lsn", n) before Postgres ``sequence`` was read are
-    overtaken by the first ("pg", ...) change. A shorter tuple of the same kind (stored before
+    Postgres positions with and without ``sequence`` (("pg", last commit lsn, lsn) and
+    ("lsn", lsn): Debezium versions, or this project's event builder, differ) compare by
+    their LSN, as positions did before ``sequence`` was read. Other positions of different
+    kinds cannot be compared; the later arrival wins then, which is what a reconfigured
+    pipeline expects (a connector changed). A shorter tuple of the same kind (stored before
     the Kafka offset broke ties) sorts before a longer one with the same leading items.
     """
+    if {candidate[0], stored[0]} == {"lsn", "pg"}:
+        return candidate[-1] > stored[-1]
     if candidate[0] != stored[0]:
         return True
     return tuple(candidate[1:]) > tuple(stored[1:])

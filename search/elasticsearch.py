@@ -269,6 +269,10 @@ class ElasticsearchIndex:
         """Writes wait in ``_pending`` until ``commit`` sends them: dropping those is the rollback."""
         self._pending = ([], [])
 
+    def ids_to_reembed(self) -> list[str]:
+        """Text, vector and row are one Elasticsearch document, written at once: none to repair."""
+        return []
+
     def is_unavailable(self, exc: BaseException) -> bool:
         """The cluster unreachable, overloaded or failing (transport errors, 408, 429, 5xx, bulk
         items failing that way), not a document it refuses."""

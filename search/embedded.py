@@ -120,7 +120,7 @@ class EmbeddedIndex:
 
         self._manifest_path = self.directory / "manifest.json"
         self._pending_ids: set[str] = set()
-        self._distrust_pending()
+        self._mend_pending()
         self._db.execute("BEGIN")
 
     # -- ingest side ---------------------------------------------------------------------
@@ -200,9 +200,11 @@ class EmbeddedIndex:
            fsync, rename, fsync the directory).
         The caller commits the consumer offsets to Kafka only after this returns.
         A crash or power loss after step 1 and before step 5 can leave a pending id's text and
-        vector newer than its SQLite row; reopening sets that row's content hash to NULL, so the
-        replay from the recorded offsets re-embeds the id and rewrites its text and vector even
-        when its content equals the stored one (A -> B -> A would otherwise keep B's).
+        vector newer than its SQLite row. Reopening (or ``rollback``) mends that: a live id's
+        content hash is set to NULL, so the replay from the recorded offsets, or the sink's repair
+        when nothing is replayed, re-embeds it and rewrites its text and vector even when its
+        content equals the stored one (A -> B -> A would otherwise keep B's); a deleted or unknown
+        id leaves the text and vector stores.
         """
         with self._lock:
             if self._pending_ids:
@@ -246,17 +248,41 @@ class EmbeddedIndex:
             return {}
         return json.loads(self._manifest_path.read_text())
 
-    def _distrust_pending(self) -> None:
-        """After a commit cut short, forget the content hash of the ids it named (see ``commit``)."""
+    def _mend_pending(self) -> None:
+        """After a commit cut short (see ``commit``), the ids it named may have text and vectors
+        newer than their rows. Live ones forget their content hash, so a replayed change, or the
+        sink's repair (``ids_to_reembed``), re-embeds them; deleted or unknown ones leave the text
+        and vector stores at once, so nothing of them stays searchable when no replay comes."""
         pending = self._manifest().get("pending_ids", [])
         if not pending:
             return
-        self._db.execute("BEGIN")
+        rows: dict[str, tuple[int, int]] = {}
         for start in range(0, len(pending), 500):
             chunk = pending[start:start + 500]
+            rows.update((doc_id, (key, deleted)) for doc_id, key, deleted in self._db.execute(
+                f"SELECT id, vector_key, deleted FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        live = [doc_id for doc_id in pending if doc_id in rows and not rows[doc_id][1]]
+        gone = [doc_id for doc_id in pending if doc_id not in live]
+        self._db.execute("BEGIN")
+        for start in range(0, len(live), 500):
+            chunk = live[start:start + 500]
             self._db.execute(
                 f"UPDATE documents SET content_hash = NULL WHERE id IN ({','.join('?' * len(chunk))})", chunk)
         self._db.execute("COMMIT")
+        for doc_id in gone:
+            self._text_writer.delete_documents_by_term("id", doc_id)
+            if doc_id in rows:
+                self._vectors.remove(rows[doc_id][0])
+        if gone:
+            self._commit_text()
+            self._commit_vectors()
+
+    def ids_to_reembed(self) -> list[str]:
+        """Live documents whose text and vector this index cannot vouch for: those a commit cut
+        short had named (their content hash was forgotten; every upsert stores one)."""
+        with self._lock:
+            return [row[0] for row in self._db.execute(
+                "SELECT id FROM documents WHERE deleted = 0 AND content_hash IS NULL ORDER BY id")]
 
     # -- query side ----------------------------------------------------------------------
 
@@ -320,27 +346,34 @@ class EmbeddedIndex:
 
     def rollback(self) -> None:
         """Back to the last commit: tantivy's and SQLite's open transactions are dropped and the
-        vectors reread from their file. A commit that failed after its first step is treated as
-        on reopen (its pending ids are distrusted), since the stores it reached keep its writes."""
+        vectors reread from their file. A commit that failed after its first step is mended as on
+        reopen (``_mend_pending``), since the stores it reached keep its writes."""
         with self._lock:
             self._text_writer.rollback()
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             self._vectors = self._load_vectors()
             self._pending_ids.clear()
-            self._distrust_pending()
-            self._db.execute("BEGIN")
+            try:
+                self._mend_pending()  # may fail again (the disk still full): the next rollback or reopen retries
+            finally:
+                if not self._db.in_transaction:
+                    self._db.execute("BEGIN")
 
     def is_unavailable(self, exc: BaseException) -> bool:
         """The disk or the database file failing (full, read-only, locked), not a record."""
         return isinstance(exc, (OSError, sqlite3.OperationalError))
 
     def close(self) -> None:
+        """Drop what is not committed and release the files (tantivy's writer lock included)."""
         with self._lock:
-            self._db.execute("ROLLBACK")
-            self._db.close()
-            self._text_writer.rollback()
-            del self._text_writer
+            try:
+                if self._db.in_transaction:  # SQLite may have rolled back by itself after a failed COMMIT
+                    self._db.execute("ROLLBACK")
+                self._db.close()
+            finally:
+                self._text_writer.rollback()
+                del self._text_writer
 
     def _load_vectors(self) -> VectorIndex:
         vectors = VectorIndex(ndim=self.dimension, metric="cos", dtype="f32", expansion_search=self._hnsw_ef_search)

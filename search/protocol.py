@@ -111,6 +111,10 @@ class Index(Protocol):
     def is_unavailable(self, exc: BaseException) -> bool:
         """True when ``exc`` is this backend's store failing, which a retry may cure."""
 
+    def ids_to_reembed(self) -> list[str]:
+        """Live documents whose text or vector may not match their stored row (a commit cut
+        short); ``IngestSink.repair`` re-embeds them from the row."""
+
     def committed_offsets(self) -> dict[str, int]:
         ...
 

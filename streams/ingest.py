@@ -25,6 +25,9 @@ from autoglm.events import Op, Position, is_newer
 from search.protocol import Deletion, Document, Index, Upsert
 
 
+REPAIR_BATCH = 64  # documents re-embedded per commit by ``IngestSink.repair``
+
+
 @dataclass(frozen=True)
 class Truncate:
     table: str
@@ -65,6 +68,22 @@ class IngestSink:
         except BaseException:
             self.index.rollback()
             raise
+
+    def repair(self) -> int:
+        """Re-embed, from their stored rows, the documents the index cannot vouch for (a commit cut
+        short, when no replay brings them again: ``Index.ids_to_reembed``); run before reading any
+        change. Returns how many were repaired."""
+        ids = self.index.ids_to_reembed()
+        try:
+            for start in range(0, len(ids), REPAIR_BATCH):
+                documents = list(self.index.get_many(ids[start:start + REPAIR_BATCH]).values())
+                vectors = self.encoder.embed([doc.embedding_text for doc in documents])
+                self.index.write_batch([Upsert(doc, vector) for doc, vector in zip(documents, vectors)], [])
+                self.index.commit({})
+        except BaseException:
+            self.index.rollback()
+            raise
+        return len(ids)
 
     def _apply(self, changes: Sequence[Change], offsets: Mapping[str, int]) -> BatchReport:
         report = BatchReport()

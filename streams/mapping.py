@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.events import BadEvent, ChangeEvent
+from autoglm.interactions import MAX_ID_CHARS  # feedback names documents by id, up to this length
 from search.protocol import Document
 
 DEFAULT_TITLE_FIELDS = ("title", "name")
@@ -72,7 +73,11 @@ class Mapper:
             key = {name: row[name] for name in id_fields}
         if any(value is None for value in key.values()):
             raise BadEvent(f"missing key: null primary key value in {key}")
-        return f"{event.table}:{','.join(_text(value) for value in key.values())}"
+        doc_id = f"{event.table}:{','.join(_text(value) for value in key.values())}"
+        if len(doc_id) > MAX_ID_CHARS:
+            raise BadEvent(f"document id longer than {MAX_ID_CHARS} characters ({len(doc_id)}): "
+                           f"feedback could not name it")
+        return doc_id
 
     def document(self, event: ChangeEvent, doc_id: str) -> Document:
         row = event.after or {}

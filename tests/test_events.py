@@ -77,7 +77,7 @@ def test_position_order():
     assert is_newer(("lsn", 2), ("lsn", 1)) and not is_newer(("lsn", 1), ("lsn", 1))
     assert is_newer(("binlog", "bin.000003", 4, 0), ("binlog", "bin.000002", 900, 0))
     assert is_newer(("lsn", 1), ("ts_ms", 99))  # different connectors: the later arrival wins
-    assert is_newer(("pg", 5, 5), ("lsn", 900))  # a position stored before sequence was read
+    assert not is_newer(("pg", 5, 5), ("lsn", 900))  # a position stored before sequence was read: by LSN
 
 
 @pytest.mark.parametrize("value, reason", [
@@ -221,3 +221,16 @@ def test_mapping_file(tmp_path):
     path.write_text('[tables."public.t"]\ntitel = "typo"\n')
     with pytest.raises(ValueError, match="unknown keys"):
         Mapper.from_file(path)
+
+
+def test_postgres_positions_with_and_without_sequence_compare_by_lsn():
+    assert is_newer(("pg", 90, 120), ("lsn", 100)) and not is_newer(("lsn", 5), ("pg", 24023119, 24023128))
+    assert is_newer(("lsn", 24023129), ("pg", 24023119, 24023128))
+
+
+def test_a_document_id_feedback_could_not_name_is_a_bad_event():
+    key, value = change_event("c", "public", "articles", {"id": "x" * 300}, after={"id": "x" * 300, "title": "t"},
+                              lsn=1)
+    event = parse_change(key, value)
+    with pytest.raises(BadEvent, match="longer than 256"):
+        Mapper().document_id(event)
