@@ -153,6 +153,7 @@ def run_worker(settings: Settings) -> None:
     from registry.rollback import RollbackGuard
     from registry.webhooks import unregister_receiver
     from search.api import create_app
+    from search.limits import client_limits_protocol
     from search.query import SearchService
     from streams.cdc import CdcProcessor
     from feedback.store import ExampleStore
@@ -174,7 +175,11 @@ def run_worker(settings: Settings) -> None:
     alias_hook, webhook_id = register_alias_hook(settings, follower)
 
     app = create_faust_app(settings.group_id, settings)
-    processor = CdcProcessor(app, settings, mapper, IngestSink(index, document_encoder))
+    sink = IngestSink(index, document_encoder)
+    repaired = sink.repair()
+    if repaired:
+        log.warning("re-embedded %d documents whose last commit was cut short", repaired)
+    processor = CdcProcessor(app, settings, mapper, sink)
     examples = ExampleStore(settings.data_dir / "feedback" / "examples.db")
     feedback = FeedbackProcessor(app, settings, examples)
     guard = None
@@ -195,8 +200,8 @@ def run_worker(settings: Settings) -> None:
         worker_down = None
         if not assigned.is_set():
             worker_down = "stream processor has not joined its consumer group yet"
-        elif processor.last_error:
-            worker_down = processor.last_error
+        elif processor.retrying:
+            worker_down = processor.retrying.describe()
         elif training and training.last_error:
             worker_down = training.last_error
         try:
@@ -215,9 +220,10 @@ def run_worker(settings: Settings) -> None:
 
     service = SearchService(index, models, settings.fusion_weights, settings.rrf_k, settings.fusion_candidates)
     publisher = EventPublisher(settings.broker)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, health, publisher, alias_hook, overview), host=settings.api_host,
-                                           port=settings.api_port, log_level="warning",
-                                           lifespan="off"))
+    limits = settings.api_limits
+    api = create_app(service, health, publisher, alias_hook, overview, limits, settings.feedback_retention_s)
+    server = uvicorn.Server(uvicorn.Config(api, host=settings.api_host, port=settings.api_port, log_level="warning",
+                                           lifespan="off", http=client_limits_protocol(limits.header_timeout_s)))
     api_thread = threading.Thread(target=server.run, name="search-api", daemon=True)
     api_thread.start()
     try:
