@@ -54,7 +54,7 @@ class BrokerProbe:
                 topics.list_topics(self.broker, timeout=2.0)
                 self._error = None
             except Exception as exc:
-                self._error = f"broker {self.broker} unreachable: {exc}"
+                self._error = f"broker {self.broker} unreachable ({type(exc).__name__})"
             self._checked_at = time.monotonic()
         return self._error
 
@@ -208,7 +208,7 @@ def run_worker(settings: Settings) -> None:
             index.count()
             index_down = None
         except Exception as exc:
-            index_down = f"index unavailable: {exc}"
+            index_down = f"index unavailable ({type(exc).__name__})"
         return {"broker": broker_probe(), "worker": worker_down, "index": index_down}
 
     def overview() -> dict:

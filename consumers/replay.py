@@ -9,12 +9,12 @@ without storing the whole history. The buffer is saved as JSON next to the model
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from autoglm.files import write_atomically
 from feedback.examples import TrainingExample
 
 
@@ -49,13 +49,11 @@ class ReplayBuffer:
         return [self._items[i] for i in picked]
 
     def save(self, path: Path) -> None:
-        """Write JSON atomically (temporary file, then rename), random state included, so a
-        loaded buffer continues exactly as this one would have."""
+        """Write JSON atomically and durably, random state included, so a loaded buffer continues
+        exactly as this one would have."""
         body = {"capacity": self.capacity, "seen": self.seen, "rng": self._rng.bit_generator.state,
                 "items": [asdict(e) for e in self._items]}
-        tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
+        write_atomically(Path(path), json.dumps(body).encode())
 
     @classmethod
     def load(cls, path: Path) -> "ReplayBuffer":

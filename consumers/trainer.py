@@ -286,7 +286,8 @@ class TrainingConsumer:
                 outcome = self.trainer.train(windows)
             except Exception as exc:
                 TRAININGS.labels("failed").inc()
-                self.last_error = f"training on windows {windows} failed (attempt {attempt}): {exc!r}"
+                # shown by /healthz: the exception's type, not its text (the log has that)
+                self.last_error = f"training on windows {windows} failed (attempt {attempt}, {type(exc).__name__})"
                 log.exception("training on windows %s failed (attempt %d of %d)", windows, attempt, attempts)
                 self._stop.wait(5.0)
                 continue

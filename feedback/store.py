@@ -65,6 +65,7 @@ class ExampleStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # an example acked by the join survives a power loss
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 

@@ -25,7 +25,6 @@ One process owns the directory: tantivy's writer lock refuses a second writer.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import threading
@@ -38,6 +37,7 @@ import onnxruntime  # noqa: F401  # before usearch: the other order crashes (see
 import tantivy
 from usearch.index import Index as VectorIndex
 
+from autoglm.files import fsync_path, replace_durably, write_atomically
 from search.protocol import Deletion, Document, Hit, StoredState, Upsert
 
 _NON_WORD = re.compile(r"[^\w]+")
@@ -63,30 +63,6 @@ CREATE INDEX IF NOT EXISTS documents_by_table ON documents (table_name, deleted)
 def plain_text_query(text: str) -> str:
     """Reduce a user's query to lower-case words so no character or AND/OR/NOT acts as query syntax."""
     return _NON_WORD.sub(" ", text).lower().strip()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries (a rename is durable only once they are)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _replace_durably(tmp: Path, path: Path) -> None:
-    """Rename a fully written, fsynced file over ``path`` and make the rename survive a power loss."""
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _replace_durably(tmp, path)
 
 
 class EmbeddedIndex:
@@ -215,19 +191,19 @@ class EmbeddedIndex:
             self._commit_offsets(offsets)
 
     def _mark_pending(self) -> None:
-        _atomic_write(self._manifest_path, json.dumps(
+        write_atomically(self._manifest_path, json.dumps(
             {**self._manifest(), "pending_ids": sorted(self._pending_ids)}, indent=1).encode())
 
     def _commit_text(self) -> None:
         self._text_writer.commit()
-        _fsync(self.directory / "text")
+        fsync_path(self.directory / "text")
         self._text.reload()
 
     def _commit_vectors(self) -> None:
         tmp = self._vectors_path.with_suffix(".tmp")
         self._vectors.save(str(tmp))
-        _fsync(tmp)
-        _replace_durably(tmp, self._vectors_path)
+        fsync_path(tmp)
+        replace_durably(tmp, self._vectors_path)
 
     def _commit_documents(self) -> None:
         self._db.execute("COMMIT")
@@ -235,7 +211,7 @@ class EmbeddedIndex:
 
     def _commit_offsets(self, offsets: Mapping[str, int]) -> None:
         merged = {**self.committed_offsets(), **offsets}
-        _atomic_write(self._manifest_path, json.dumps(
+        write_atomically(self._manifest_path, json.dumps(
             {"offsets": merged, "documents": self.count(), "committed_at": time.time(), "pending_ids": []},
             indent=1).encode())
         self._pending_ids.clear()
