@@ -8,7 +8,7 @@ Anyone who can reach the API or produce to the topics writes these records, and 
 them in its state, so the edges are strict: finite numbers only, integers and booleans never
 coerced (``true`` is not rank 1, ``"3"`` and ``3.0`` are not rank 3), identifiers, ranks,
 ratings and dwell times within bounds, and timestamps no more than ``MAX_CLOCK_SKEW_S`` ahead
-of now nor older than the feedback retention (``parse_feedback``'s ``retention_s``). A value
+of now nor older than the feedback retention (``parse``'s ``retention_s``). A value
 that passed once passes again later with ``retention_s=math.inf``, which is how stored state
 is read back. A timestamp without a time zone is taken as UTC; every timestamp is kept in UTC.
 """
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from functools import partial
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -26,6 +27,7 @@ MAX_CLOCK_SKEW_S = 300  # ... and so is feedback from further in the future than
 MAX_ID_CHARS = 256
 MAX_QUERY_CHARS = 10_000
 MAX_POSITION = 1000
+MAX_HITS = 100  # the search API's largest k: the join keeps any impression within its byte bound
 MAX_DWELL_S = 86400
 
 Identifier = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ID_CHARS)]
@@ -40,7 +42,7 @@ def utc_now() -> datetime:
 
 def _recent_utc(ts: datetime, info: ValidationInfo) -> datetime:
     """``ts`` in UTC when it lies in [now - retention, now + skew]; ``info.context`` may name
-    ``now`` and ``retention_s`` (see ``parse_feedback``)."""
+    ``now`` and ``retention_s`` (see ``parse``)."""
     context = info.context or {}
     now = context.get("now") or utc_now()
     retention_s = context.get("retention_s", FEEDBACK_RETENTION_S)
@@ -70,7 +72,7 @@ class Impression(BaseModel):
     query_id: Identifier
     query: Annotated[str, Field(strict=True, max_length=MAX_QUERY_CHARS)]
     mode: Literal["bm25", "dense", "hybrid"]
-    hits: Annotated[list[ShownHit], Field(max_length=MAX_POSITION)]
+    hits: Annotated[list[ShownHit], Field(max_length=MAX_HITS)]
     model_version: Identifier
     arm: Literal["champion", "challenger"] = "champion"
     session_id: SessionId | None = None
@@ -111,30 +113,23 @@ class Feedback(BaseModel):
         return self
 
 
-def _context(retention_s: float, now: datetime | None) -> dict:
-    return {"retention_s": retention_s, "now": now}
+Record = TypeVar("Record", Feedback, Impression)
 
 
-def parse_feedback(item: Any, *, retention_s: float = FEEDBACK_RETENTION_S, now: datetime | None = None) -> Feedback:
-    """One feedback event from decoded JSON (a dict); raises pydantic.ValidationError with the reason."""
-    return Feedback.model_validate(item, context=_context(retention_s, now))
+def parse(model: type[Record], data: Any, *, raw_json: bool = False, retention_s: float = FEEDBACK_RETENTION_S,
+          now: datetime | None = None) -> Record:
+    """One record of ``model`` from decoded JSON (a dict), or from raw JSON as read from a topic
+    with ``raw_json``; raises pydantic.ValidationError with the reason."""
+    context = {"retention_s": retention_s, "now": now}
+    if raw_json:
+        return model.model_validate_json(data, context=context)
+    return model.model_validate(data, context=context)
 
 
-def parse_feedback_json(raw: bytes | str, *, retention_s: float = FEEDBACK_RETENTION_S,
-                        now: datetime | None = None) -> Feedback:
-    """One feedback event from raw JSON, as read from ``autoglm.feedback``."""
-    return Feedback.model_validate_json(raw, context=_context(retention_s, now))
-
-
-def parse_impression(item: Any, *, retention_s: float = FEEDBACK_RETENTION_S,
-                     now: datetime | None = None) -> Impression:
-    return Impression.model_validate(item, context=_context(retention_s, now))
-
-
-def parse_impression_json(raw: bytes | str, *, retention_s: float = FEEDBACK_RETENTION_S,
-                          now: datetime | None = None) -> Impression:
-    """One impression from raw JSON, as read from ``autoglm.impressions`` (anyone may produce there)."""
-    return Impression.model_validate_json(raw, context=_context(retention_s, now))
+parse_feedback = partial(parse, Feedback)
+parse_feedback_json = partial(parse, Feedback, raw_json=True)
+parse_impression = partial(parse, Impression)
+parse_impression_json = partial(parse, Impression, raw_json=True)
 
 
 def first_error(exc: ValidationError) -> str:

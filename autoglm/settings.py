@@ -69,7 +69,7 @@ class Settings:
     impression_ttl_s: float = 3600.0  # feedback is joined to impressions younger than this
     feedback_max_wait_s: float = 60.0  # feedback waits this long for its impression
     feedback_retention_s: float = FEEDBACK_RETENTION_S  # older feedback (by its ts) is refused
-    feedback_per_query: int = 100  # feedback events the join keeps per query_id; more are dead-lettered
+    feedback_per_query: int = 100  # events the join keeps per query_id; more are dead-lettered
     # Learning loop: the MLflow tracking URI enables the trainer; gate_dataset is a BEIR folder
     # whose dev split scores every candidate; promote_champion lets the trainer move the
     # champion alias itself (demo only: a person does it in the MLflow UI).

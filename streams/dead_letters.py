@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 
 import faust
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
@@ -21,6 +22,7 @@ from autoglm.settings import Settings
 log = logging.getLogger(__name__)
 
 REFERENCE_BYTES = 65_536
+REMEMBERED_LETTERS = 100_000  # records whose letter this process remembers having sent
 MAX_REASON_CHARS = 2_000  # a reason quoting its input must not make the letter too large itself
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
 
@@ -31,11 +33,19 @@ class DeadLetters:
     def __init__(self, app: faust.App, max_bytes: int = Settings.dead_letter_max_bytes):
         self.topic = app.topic(topics.DEAD_LETTERS, key_serializer="raw", value_serializer="raw")
         self.max_bytes = max_bytes
+        self._sent: OrderedDict[tuple, None] = OrderedDict()  # records lettered by this process, newest last
 
     async def send(self, message, reason: str) -> None:
         """Publish the original key and value (or a reference to them, see the module docstring)
         with headers naming the reason and the source record; returns once the broker has it,
-        so the source record may then be acked."""
+        so the source record may then be acked.
+
+        A record this process has already dead-lettered is not sent again: a rebalance or a seek
+        can deliver it twice. After a restart it is (at-least-once: a letter per delivering run)."""
+        record = _identity(message)
+        if record in self._sent:
+            log.info("%s[%d]@%d was dead-lettered already", message.topic, message.partition, message.offset)
+            return
         headers = [("error", reason[:MAX_REASON_CHARS].encode()), ("source.topic", message.topic.encode()),
                    ("source.partition", str(message.partition).encode()),
                    ("source.offset", str(message.offset).encode())]
@@ -51,6 +61,9 @@ class DeadLetters:
                 log.warning("dead letter of %s[%d]@%d refused as too large (%r); sending a reference",
                             message.topic, message.partition, message.offset, exc)
                 await self._deliver(*_reference(key, value, headers))
+        self._sent[record] = None
+        if len(self._sent) > REMEMBERED_LETTERS:
+            self._sent.popitem(last=False)
         metrics.DEAD_LETTERS.labels(reason.split(":")[0][:100]).inc()
         log.warning("dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset,
                     reason[:MAX_REASON_CHARS])
@@ -58,6 +71,15 @@ class DeadLetters:
     async def _deliver(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
         delivery = await self.topic.send(key=key, value=value, headers=headers)
         await delivery
+
+
+def _identity(message) -> tuple:
+    """Where a record sits and a digest of what it holds: a reset source reuses offsets for
+    other records."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (message.key, message.value):
+        digest.update(b"\x00" if part is None else b"\x01" + len(part).to_bytes(8, "big") + part)
+    return message.topic, message.partition, message.offset, digest.digest()
 
 
 def _size(key: bytes | None, value: bytes | None, headers: Headers) -> int:

@@ -6,11 +6,21 @@ query_id lives in a Faust table (changelog-backed, so it survives a restart):
 
 - an impression opens an interaction; feedback that came before it (and waited at most
   ``feedback_max_wait_s``) is joined then;
-- a feedback event is deduplicated by event_id and by (doc_id, type); a positive one becomes a
-  training example. The state per query_id is bounded (feedback/join.py: events per query,
-  bytes per record), since one record is one changelog message; what does not fit is a dead letter;
+- a feedback event is deduplicated by event_id and by (doc_id, type): the first event per
+  (query, document, type) wins, so a later dwell or rating on the same document is a duplicate,
+  counted and dropped, not an update. A positive event becomes a training example;
+- feedback must be on a document the impression showed, at the position it showed it: once the
+  impression is known, other feedback is a dead letter saying so, and so is waiting feedback the
+  impression turns out not to match;
+- the state per query_id is bounded, since one record is one changelog message (feedback/join.py):
+  at most ``feedback_per_query`` events (the backstop while feedback waits for its impression),
+  only events on its hits once the impression is known (so at most hits x feedback types), and a
+  byte bound for the impression and for the events that keeps the record below 1 MB. What does
+  not fit is a dead letter;
 - an interaction expires ``impression_ttl_s`` after it opened; feedback still without an
-  impression after ``feedback_max_wait_s`` goes to the dead-letter topic. Faust lets only a
+  impression after ``feedback_max_wait_s`` goes to the dead-letter topic, each event leaving the
+  state once its letter is delivered (a failed send resumes there, it does not repeat letters).
+  An interaction that cannot be counted in the online metrics still expires. Faust lets only a
   stream modify a table, so expiry runs in the agent, at most once a second. When no events
   come, a timer sends an empty tick to ``autoglm.clock``, which the agent also reads, so
   interactions still settle and expire in a quiet period.
@@ -71,7 +81,7 @@ class FeedbackProcessor:
         shown, clicked = store.rank_stats()
         self.bias = PositionBiasModel(shown=shown, clicked=clicked,
                                       estimate_from_log=settings.propensities == "log")
-        self.dead_letters = DeadLetters(app)
+        self.dead_letters = DeadLetters(app, settings.dead_letter_max_bytes)
         self.limits = JoinLimits(feedback_per_query=settings.feedback_per_query)
         self.training = app.topic(topics.TRAINING, key_serializer="raw", value_serializer="raw")
         self.interactions = app.Table("interactions", default=None, partitions=1)
@@ -113,29 +123,32 @@ class FeedbackProcessor:
     def _interaction(self, query_id: str) -> Interaction:
         return Interaction.from_record(query_id, self.interactions.get(query_id), time.time(), self.limits)
 
-    async def _kept(self, kind: str, verdict: Verdict, message) -> bool:
-        """Count the verdict and dead-letter a refused record; True when the record joined or waits."""
+    async def _count_and_dead_letter(self, kind: str, verdict: Verdict, message) -> None:
         FEEDBACK_EVENTS.labels(kind, verdict.outcome).inc()
         if verdict.outcome == "refused":
             await self.dead_letters.send(message, verdict.reason)
-        return verdict.outcome in ("joined", "waiting")
 
     async def _on_impression(self, impression: Impression, message) -> None:
         interaction = self._interaction(impression.query_id)
         verdict = interaction.add_impression(impression, self.limits)
-        if not await self._kept("impression", verdict, message):
+        await self._count_and_dead_letter("impression", verdict, message)
+        if not verdict.kept:
             return
+        for item, reason in verdict.unmatched:  # delivered before the state forgets them
+            FEEDBACK_EVENTS.labels("feedback", "refused").inc()
+            await self.dead_letters.send(_StoredRecord(impression.query_id, item), reason)
         self.interactions[impression.query_id] = interaction.to_record()
         self.bias.observe_impression(len(impression.hits))
         self.store.add_rank_stats(shown_ranks=len(impression.hits))
-        FEEDBACK_EVENTS.labels("feedback", "joined").inc(len(verdict.joined))
-        positives = [f for f in verdict.joined if is_positive(f, self.policy)]
-        await self._add_examples(impression, positives, list(verdict.joined))
+        FEEDBACK_EVENTS.labels("feedback", "joined").inc(len(verdict.joined_feedback))
+        positives = [f for f in verdict.joined_feedback if is_positive(f, self.policy)]
+        await self._add_examples(impression, positives, list(verdict.joined_feedback))
 
     async def _on_feedback(self, event: Feedback, message) -> None:
         interaction = self._interaction(event.query_id)
         verdict = interaction.add_feedback(event, message.partition, message.offset, self.limits)
-        if not await self._kept("feedback", verdict, message):
+        await self._count_and_dead_letter("feedback", verdict, message)
+        if not verdict.kept:
             return
         self.interactions[event.query_id] = interaction.to_record()
         if event.type == "click":
@@ -153,7 +166,7 @@ class FeedbackProcessor:
         the top 10 (by time), whether it was skipped."""
         impression = interaction.impression
         key = f"{impression.model_version}|{impression.arm}"
-        stats = ArmStats(**(self.arm_stats.get(key) or {}))
+        stats = self._arm_stats(key)
         stats.impressions += 1
         events = interaction.events
         first_click = next((e for e in events if e.type == "click" and e.position <= RANKS), None)
@@ -163,6 +176,15 @@ class FeedbackProcessor:
         stats.skipped += any(e.type == "skip" for e in events)
         self.arm_stats[key] = stats.to_dict()
         self._publish_online(impression.model_version, impression.arm, stats)
+
+    def _arm_stats(self, key: str) -> ArmStats:
+        """The arm's counts so far; a record that cannot be read (another version wrote it) starts afresh."""
+        counts = self.arm_stats.get(key) or {}
+        try:
+            return ArmStats(**counts)
+        except TypeError:
+            log.warning("online metrics of %r unreadable: %.200r; counting afresh", key, counts)
+            return ArmStats()
 
     def _publish_online(self, version: str, arm: str, stats: ArmStats) -> None:
         self._online[(version, arm)] = stats
@@ -187,8 +209,8 @@ class FeedbackProcessor:
             return
         self._last_sweep = now
         if not self._online and self.arm_stats:  # first sweep after a restart: show what the table holds
-            for key, counts in self.arm_stats.items():
-                self._publish_online(*key.split("|", 1), ArmStats(**counts))
+            for key in list(self.arm_stats.keys()):
+                self._publish_online(*key.split("|", 1), self._arm_stats(key))
         for query_id, record in list(self.interactions.items()):
             try:
                 await self._expire_one(query_id, record, now)
@@ -201,21 +223,43 @@ class FeedbackProcessor:
             del self.interactions[query_id]
             return
         age = now - facts.opened_at
-        if facts.joined and not facts.counted and age >= self.settings.online_settle_s:
-            interaction = Interaction.from_record(query_id, record, now, self.limits)
-            if interaction.impression is not None:
-                self._count_online(interaction)
-            interaction.counted = True
-            self.interactions[query_id] = interaction.to_record()
-        if not facts.joined and age > self.settings.feedback_max_wait_s:
-            for item in Interaction.from_record(query_id, record, now, self.limits).feedback:
+        if not facts.has_impression:
+            if age > self.settings.feedback_max_wait_s:
+                await self._dead_letter_orphans(query_id, record, now)
+            return
+        if not facts.counted and age >= self.settings.online_settle_s:
+            try:
+                self._count_settled(query_id, record, now)
+            except Exception:  # the record still expires below
+                log.exception("counting the interaction of %r in the online metrics failed", query_id)
+        if age > self.settings.impression_ttl_s:
+            del self.interactions[query_id]
+
+    def _count_settled(self, query_id: str, record, now: float) -> None:
+        """Count a settled interaction once: it is marked counted first, so a failure in counting
+        can neither count it twice nor be retried every sweep."""
+        interaction = Interaction.from_record(query_id, record, now, self.limits)
+        interaction.counted = True
+        self.interactions[query_id] = interaction.to_record()
+        if interaction.impression is not None:
+            self._count_online(interaction)
+
+    async def _dead_letter_orphans(self, query_id: str, record, now: float) -> None:
+        """Dead-letter the feedback that never met its impression, then forget the query. An event
+        leaves the state once its letter is delivered, so after a failed send the next sweep
+        resumes with the first letter not sent."""
+        interaction = Interaction.from_record(query_id, record, now, self.limits)
+        reason = f"no impression for query_id within {self.settings.feedback_max_wait_s:.0f} s"
+        try:
+            for item in list(interaction.feedback):
+                await self.dead_letters.send(_StoredRecord(query_id, item), reason)
                 FEEDBACK_EVENTS.labels("feedback", "no_impression").inc()
-                await self.dead_letters.send(_Orphan(query_id, item),
-                                             f"no impression for query_id within "
-                                             f"{self.settings.feedback_max_wait_s:.0f} s")
-            del self.interactions[query_id]
-        elif facts.joined and age > self.settings.impression_ttl_s:
-            del self.interactions[query_id]
+                interaction.remove(item)
+        finally:
+            if interaction.feedback:
+                self.interactions[query_id] = interaction.to_record()
+            else:
+                del self.interactions[query_id]
 
     async def _tick_when_idle(self) -> None:
         """Wake the agent when interactions wait to settle or expire and no event has come for a while."""
@@ -242,8 +286,8 @@ class FeedbackProcessor:
                  reason, window.examples, window.sessions, window.dropped_by_session_cap)
 
 
-class _Orphan:
-    """A feedback event that never met its impression, shaped as the record it came in."""
+class _StoredRecord:
+    """A stored feedback event shaped as the record it came in, for its dead letter."""
 
     def __init__(self, query_id: str, item: StoredFeedback):
         self.topic, self.partition, self.offset = topics.FEEDBACK, item.partition, item.offset

@@ -1,6 +1,7 @@
 """Properties of the feedback edge and the join, for any input: parsing gives a record or a
-ValidationError, and the join never raises, never grows its state past the bounds, and reads back
-whatever it stored (or drops an unreadable entry, never the query)."""
+ValidationError, and the join never raises, never grows its state past the bounds, keeps only
+feedback on shown documents once it knows the impression, and reads back whatever it stored (or
+drops an unreadable entry, never the query)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from pydantic import ValidationError
 
-from autoglm.interactions import (MAX_ID_CHARS, Feedback, Impression, ShownHit, parse_feedback, parse_feedback_json,
-                                  parse_impression, parse_impression_json)
+from autoglm.interactions import (MAX_HITS, MAX_ID_CHARS, MAX_QUERY_CHARS, Feedback, Impression, ShownHit,
+                                  parse_feedback, parse_feedback_json, parse_impression, parse_impression_json)
 from feedback.join import Interaction, JoinLimits
 
 NOW = datetime.now(timezone.utc)
@@ -122,17 +123,30 @@ feedback_events = st.builds(
         event_id=event_id, query_id="q1", doc_id=doc_id, type=kind, position=position,
         value={"dwell": 40.0, "rating": 5}.get(kind), session_id=session),
     st.uuids() | st.sampled_from([uuid.UUID(int=1), uuid.UUID(int=2)]), ids | st.sampled_from(["d1", "d2"]),
-    st.sampled_from(["click", "dwell", "rating", "skip"]), st.integers(1, 1000), ids | st.none())
+    st.sampled_from(["click", "dwell", "rating", "skip"]), st.integers(1, 3) | st.integers(1, 1000), ids | st.none())
 impressions = st.builds(
     lambda query, docs: Impression(query_id="q1", query=query, mode="hybrid", model_version="base",
                                    hits=[ShownHit(doc_id=d, position=i, score=0.5) for i, d in enumerate(docs, 1)]),
-    st.text(max_size=50), st.lists(ids, max_size=30))
+    st.text(max_size=50), st.lists(ids | st.sampled_from(["d1", "d2", "d3"]), max_size=30))
+
+
+def feedback(doc_id: str, position: int, kind: str = "click", query_id: str = "q1") -> Feedback:
+    return Feedback(event_id=uuid.uuid4(), query_id=query_id, doc_id=doc_id, type=kind, position=position,
+                    value={"dwell": 40.0, "rating": 5}.get(kind))
+
+
+def shown(*doc_ids: str) -> Impression:
+    return Impression(query_id="q1", query="q", mode="hybrid", model_version="base",
+                      hits=[ShownHit(doc_id=d, position=i, score=0.5) for i, d in enumerate(doc_ids, 1)])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.lists(feedback_events | impressions, max_size=40), st.integers(1, 30), st.integers(4_000, 60_000))
-def test_the_join_never_raises_and_its_state_stays_within_the_bounds(records, per_query, max_bytes):
-    limits = JoinLimits(feedback_per_query=per_query, max_record_bytes=max_bytes)
+@given(st.lists(feedback_events | impressions, max_size=40), st.integers(1, 30), st.integers(2_000, 30_000),
+       st.integers(2_000, 30_000))
+def test_the_join_never_raises_and_its_state_stays_within_the_bounds(records, per_query, impression_bytes,
+                                                                     feedback_bytes):
+    limits = JoinLimits(feedback_per_query=per_query, impression_bytes=impression_bytes,
+                        feedback_bytes=feedback_bytes)
     stored = None
     for offset, record in enumerate(records):
         interaction = Interaction.from_record("q1", stored, 0.0, limits)
@@ -141,28 +155,86 @@ def test_the_join_never_raises_and_its_state_stays_within_the_bounds(records, pe
         else:
             verdict = interaction.add_feedback(record, 0, offset, limits)
         assert (verdict.reason is not None) == (verdict.outcome == "refused")
-        if verdict.outcome in ("joined", "waiting"):
+        if verdict.kept:
             stored = interaction.to_record()
-        events = Interaction.from_record("q1", stored, 0.0, limits).events
+        kept = Interaction.from_record("q1", stored, 0.0, limits)
+        events = kept.events
         assert len(events) <= per_query
         assert len({e.event_id for e in events}) == len({(e.doc_id, e.type) for e in events}) == len(events)
-        assert len(json.dumps(stored)) <= max_bytes + 200  # the impression's and the events' halves, plus framing
+        if kept.impression:  # only feedback on what was shown, where it was shown
+            hits = {(hit.doc_id, hit.position) for hit in kept.impression.hits}
+            assert {(e.doc_id, e.position) for e in events} <= hits and len(events) <= 4 * len(hits)
+        assert len(json.dumps(stored)) <= impression_bytes + feedback_bytes + 200  # plus the record's framing
 
 
-def test_the_worst_feedback_a_query_can_hold_fits_in_one_broker_message():
-    """Identifiers of 256 four-byte characters, escaped to 12 bytes each in JSON, and far more
-    events than the cap: Faust's own serialisation of the record still fits the 1 MB default."""
+LONGEST = "\U0001F600" * MAX_ID_CHARS  # 256 four-byte characters, escaped to 12 bytes each in JSON
+
+
+def largest_impression(hits: int = MAX_HITS) -> Impression:
+    return Impression(query_id=LONGEST, query="\U0001F600" * MAX_QUERY_CHARS, mode="hybrid", model_version=LONGEST,
+                      arm="challenger", session_id=LONGEST,
+                      hits=[ShownHit(doc_id=f"{i}{LONGEST}"[:MAX_ID_CHARS], position=i, score=-1.2345678901234567e-300)
+                            for i in range(1, hits + 1)])
+
+
+def test_every_impression_the_schema_accepts_fits_the_join_with_room_to_spare():
+    """The search API answers at most 100 hits; an impression of 1000 longest ids (which the
+    schema took before) was accepted and then refused by the join as too large."""
+    with pytest.raises(ValidationError, match="at most 100 items"):
+        largest_impression(MAX_HITS + 1)
+    limits = JoinLimits()
+    size = len(json.dumps(largest_impression().model_dump(mode="json")))
+    assert size < 0.8 * limits.impression_bytes
+    assert Interaction(opened_at=0.0).add_impression(largest_impression(), limits).outcome == "joined"
+
+
+def test_the_worst_state_a_query_can_hold_fits_in_one_broker_message():
+    """The largest impression and far more feedback on its hits than the join keeps, every
+    identifier as long as it can be: Faust's own serialisation of the record, with its key,
+    still fits the 1 MB a producer and broker take by default."""
     limits, interaction = JoinLimits(), Interaction(opened_at=0.0)
-    longest = "\U0001F600" * MAX_ID_CHARS
-    interaction.add_impression(Impression(query_id=longest, query="\U0001F600" * 10_000, mode="hybrid",
-                                          model_version=longest, session_id=longest,
-                                          hits=[ShownHit(doc_id=f"{i}", position=i, score=1.0)
-                                                for i in range(1, 1001)]), limits)
-    outcomes = [interaction.add_feedback(Feedback(event_id=uuid.uuid4(), query_id=longest, doc_id=f"{i}{longest}"[:256],
-                                                  type="click", position=1, session_id=longest), 0, i, limits).outcome
-                for i in range(300)]
-    assert outcomes.count("waiting") + outcomes.count("joined") < 100 and outcomes.count("refused") > 200
-    assert len(faust_json.dumps(interaction.to_record()).encode()) < limits.max_record_bytes < 1_000_000
+    impression = largest_impression()
+    interaction.add_impression(impression, limits)
+    outcomes = [interaction.add_feedback(Feedback(event_id=uuid.uuid4(), query_id=LONGEST, doc_id=hit.doc_id,
+                                                  type=kind, position=hit.position, session_id=LONGEST,
+                                                  value={"dwell": 40.0, "rating": 5}.get(kind)),
+                                         0, 10**18, limits).outcome
+                for hit in impression.hits for kind in ("click", "dwell", "rating", "skip")]
+    assert outcomes.count("joined") < 100 and outcomes.count("refused") > 300
+    record = len(faust_json.dumps(interaction.to_record()).encode()) + len(json.dumps(LONGEST))
+    assert record < limits.impression_bytes + limits.feedback_bytes < 1_000_000
+
+
+def test_feedback_on_unshown_documents_cannot_fill_the_cap_of_its_query():
+    """100 clicks on documents the impression never showed filled the cap, and then the user's
+    genuine click on a shown document was refused."""
+    limits, interaction = JoinLimits(), Interaction(opened_at=0.0)
+    interaction.add_impression(shown("d1", "d2", "d3"), limits)
+    for i in range(limits.feedback_per_query):
+        verdict = interaction.add_feedback(feedback(f"unshown-{i}", 1), 0, i, limits)
+        assert verdict.outcome == "refused"
+        assert verdict.reason == f"feedback on a document not shown: doc_id 'unshown-{i}' was not shown for " \
+                                 f"query_id 'q1'"
+    misplaced = interaction.add_feedback(feedback("d2", 3), 0, 100, limits)
+    assert misplaced.outcome == "refused" and misplaced.reason == (
+        "feedback position does not match the impression: doc_id 'd2' was shown at position 2, not 3, "
+        "for query_id 'q1'")
+    assert interaction.add_feedback(feedback("d2", 2), 0, 101, limits).outcome == "joined"
+    assert [(e.doc_id, e.position) for e in interaction.events] == [("d2", 2)]
+
+
+def test_waiting_feedback_the_impression_does_not_match_is_handed_back_with_its_reason():
+    limits, interaction = JoinLimits(), Interaction(opened_at=0.0)
+    genuine, unshown, misplaced = feedback("d1", 1), feedback("elsewhere", 1), feedback("d2", 1, "dwell")
+    for offset, event in enumerate((genuine, unshown, misplaced)):
+        assert interaction.add_feedback(event, 0, offset, limits).outcome == "waiting"
+    verdict = interaction.add_impression(shown("d1", "d2"), limits)
+    assert verdict.outcome == "joined" and verdict.joined_feedback == (genuine,)
+    assert [(item.event, item.offset, reason.split(":")[0]) for item, reason in verdict.unmatched] == [
+        (unshown, 1, "feedback on a document not shown"),
+        (misplaced, 2, "feedback position does not match the impression")]
+    assert interaction.events == [genuine]
+    assert Interaction.from_record("q1", interaction.to_record(), 0.0, limits).events == [genuine]
 
 
 @FAST
@@ -181,5 +253,5 @@ def test_an_unreadable_stored_event_is_dropped_and_the_query_keeps_the_rest():
               "feedback": [{"event": poisoned, "partition": 0, "offset": 7}, {"event": good, "partition": 0, "offset": 8}]}
     interaction = Interaction.from_record("q1", record, 5.0, JoinLimits())
     assert [str(e.event_id) for e in interaction.events] == [good["event_id"]] and interaction.impression
-    click = parse_feedback(valid_feedback(type="click", value=None, doc_id="d3"))
+    click = parse_feedback(valid_feedback(type="click", value=None, doc_id="d3", position=3))
     assert interaction.add_feedback(click, 0, 9, JoinLimits()).outcome == "joined"

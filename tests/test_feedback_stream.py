@@ -1,18 +1,25 @@
 """The feedback stream through the real broker and worker: join (late impressions too), dedup,
-dead letters, examples and the window trigger that publishes training requests."""
+feedback on unshown documents, dead letters, examples and the window trigger that publishes
+training requests; and the expiry sweep when a dead letter or the online metrics fail."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 
+import faust
 import pytest
 
 from autoglm.debezium import change_event, producer
-from autoglm.interactions import Impression, ShownHit
+from autoglm.interactions import Feedback, Impression, ShownHit
 from autoglm.broker import EmbeddedBroker
+from autoglm.settings import Settings
 from autoglm.topics import DEAD_LETTERS, FEEDBACK, IMPRESSIONS, PLATFORM_TOPICS, TRAINING, ensure_topics
+from feedback.join import Interaction, JoinLimits
+from feedback.store import ExampleStore
+from streams.feedback import FeedbackProcessor
 from tests.conftest import WorkerProcess, group_for, read_topic, wait_until
 
 WINDOW = 4
@@ -77,16 +84,43 @@ def test_clicks_after_real_searches_become_examples_and_fill_a_window(worker, ka
     assert examples(worker) == before + WINDOW  # duplicates added nothing
 
 
-def test_feedback_waits_for_a_late_impression(worker, kafka):
+def test_feedback_waits_for_a_late_impression(worker, kafka, broker):
+    """Feedback that waited is joined when its impression comes, and what the impression did not
+    show is a dead letter then, not a minute later."""
     query_id, before = str(uuid.uuid4()), examples(worker)
+    waiting = worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="waiting")
     send(kafka, FEEDBACK, query_id, click(query_id, "join.docs:2", 2, "late-user"))
-    wait_until(lambda: worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="waiting") >= 1,
-               20, 0.1, "feedback to wait for its impression")
+    send(kafka, FEEDBACK, query_id, click(query_id, "join.docs:9", 3, "late-user"))
+    wait_until(lambda: worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="waiting")
+               >= waiting + 2, 20, 0.1, "feedback to wait for its impression")
     impression = Impression(query_id=query_id, query="enzyme", mode="hybrid", model_version="base",
                             session_id="late-user", hits=[ShownHit(doc_id="join.docs:1", position=1, score=1.0),
                                                           ShownHit(doc_id="join.docs:2", position=2, score=0.5)])
     send(kafka, IMPRESSIONS, query_id, impression.model_dump_json().encode())
     wait_until(lambda: examples(worker) == before + 1, 20, 0.1, "the late join to produce an example")
+    [(key, value, headers)] = dead_letters_for(broker, query_id, 1, 5)  # --feedback-max-wait is 2 s
+    assert key == query_id.encode() and json.loads(value)["doc_id"] == "join.docs:9"
+    assert headers["error"] == f"feedback on a document not shown: doc_id 'join.docs:9' was not shown for " \
+                               f"query_id '{query_id}'"
+
+
+def test_clicks_on_unshown_documents_do_not_crowd_out_a_genuine_click(worker, kafka, broker):
+    """100 clicks on documents the impression never showed filled the per-query cap, and the
+    user's genuine click after them was refused: it made no example."""
+    query_id, before = str(uuid.uuid4()), examples(worker)
+    impressions = worker.metric("autoglm_feedback_events_total", kind="impression", outcome="joined")
+    send(kafka, IMPRESSIONS, query_id, shown(query_id))
+    wait_until(lambda: worker.metric("autoglm_feedback_events_total", kind="impression", outcome="joined")
+               > impressions, 20, 0.1, "the impression to be joined")
+    for i in range(100):
+        kafka.produce(FEEDBACK, key=query_id.encode(),
+                      value=json.dumps(click(query_id, f"unshown:{i}", 1, "crowder")).encode())
+    send(kafka, FEEDBACK, query_id, click(query_id, "join.docs:3", 1, "crowder"))
+    send(kafka, FEEDBACK, query_id, click(query_id, "join.docs:2", 2, "genuine"))
+    wait_until(lambda: examples(worker) == before + 1, 20, 0.1, "the genuine click to make an example")
+    letters = dead_letters_for(broker, query_id, 101)
+    reasons = sorted(h["error"].split(":")[0] for _, _, h in letters)
+    assert reasons == ["feedback on a document not shown"] * 100 + ["feedback position does not match the impression"]
 
 
 def test_invalid_and_orphan_feedback_go_to_dead_letters(worker, kafka, broker):
@@ -130,31 +164,39 @@ def test_a_nan_dwell_is_a_dead_letter_and_later_clicks_on_its_query_still_join(w
 
 def test_a_flood_of_feedback_for_one_query_keeps_its_state_bounded(worker, kafka, broker):
     """Thousands of events for one query_id, straight onto the topic in large producer batches:
-    the join keeps the first 100 distinct ones, counts repeats as duplicates, dead-letters the
-    rest with a reason, its state stays one small changelog record, and the worker keeps going."""
-    query_id, distinct, repeats = str(uuid.uuid4()), 3000, 1000
+    the join refuses those on documents its impression did not show, keeps the first 100 distinct
+    ones on shown documents (the cap: 60 hits x 4 types would allow more), counts repeats as
+    duplicates, dead-letters the rest with a reason, its state stays one small changelog record,
+    and the worker keeps going."""
+    query_id, hits, unshown, repeats = str(uuid.uuid4()), 60, 3000, 1000
     before_examples = examples(worker)
+    impressions = worker.metric("autoglm_feedback_events_total", kind="impression", outcome="joined")
     refused_before = worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="refused")
     duplicates_before = worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="duplicate")
+    send(kafka, IMPRESSIONS, query_id, shown(query_id, hits))
+    wait_until(lambda: worker.metric("autoglm_feedback_events_total", kind="impression", outcome="joined")
+               > impressions, 20, 0.1, "the impression to be joined")
     batching = producer(broker, **{"linger.ms": 50, "batch.num.messages": 1000})
-    batching.produce(IMPRESSIONS, key=query_id.encode(), value=shown(query_id))
     first = click(query_id, "join.docs:2", 2, "flooder")
     flood = [first] + [first] * (repeats // 2) + [click(query_id, "join.docs:2", 2, "flooder")
                                                    for _ in range(repeats // 2)]
-    flood += [click(query_id, f"flood:{i}:" + "x" * 150, 1, "flooder") for i in range(distinct - 1)]
+    flood += [click(query_id, f"flood:{i}:" + "x" * 150, 1, "flooder") for i in range(unshown)]
+    flood += [click(query_id, f"join.docs:{rank}", rank, "flooder", type=kind, value=value)  # none positive
+              for kind, value in (("skip", None), ("dwell", 1.0)) for rank in range(1, hits + 1)]
     for event in flood:
         batching.produce(FEEDBACK, key=query_id.encode(), value=json.dumps(event).encode())
     assert batching.flush(30) == 0
 
-    excess = distinct - 100
+    over_cap = 1 + 2 * hits - 100
     wait_until(lambda: worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="refused")
-               >= refused_before + excess, 120, 0.5, "the excess to be refused")
+               >= refused_before + unshown + over_cap, 120, 0.5, "the excess to be refused")
     assert worker.metric("autoglm_feedback_events_total", kind="feedback",
                          outcome="duplicate") == duplicates_before + repeats
     assert examples(worker) == before_examples + 1  # the genuine click on a shown document
-    letters = dead_letters_for(broker, query_id, excess, 60)
-    assert len(letters) == excess
-    assert {h["error"] for _, _, h in letters} == {"too many feedback events for one query_id: the limit is 100"}
+    letters = dead_letters_for(broker, query_id, unshown + over_cap, 60)
+    reasons = [h["error"].split(":")[0] for _, _, h in letters]
+    assert len(letters) == unshown + over_cap and reasons.count("feedback on a document not shown") == unshown
+    assert reasons.count("too many feedback events for one query_id") == over_cap
 
     changelog = f"{group_for(worker.data_dir)}-interactions-changelog"
     states = read_topic(broker, changelog, lambda v: v is not None and query_id.encode() in v, 101, 20, bytes)
@@ -167,6 +209,7 @@ def test_a_flood_of_feedback_for_one_query_keeps_its_state_bounded(worker, kafka
     wait_until(lambda: examples(worker) == before_examples + 2, 30, 0.2, "a later query to still join")
 
 
+@pytest.mark.slow
 def test_a_window_closes_on_time_once_it_holds_the_minimum(tmp_path):
     """--window-minutes closes a window that never reaches --window-size, but only with at
     least --window-min examples in it. A broker of its own: a new consumer group reads the
@@ -208,3 +251,46 @@ def check_time_trigger(broker: str, kafka, tmp_path) -> None:
         assert worker.metric("autoglm_training_windows_total", reason="time") == 1
     finally:
         running.stop()
+
+
+class DeadLettersThatFailOnce:
+    """The broker refusing one dead letter, which a real broker cannot be told to do on cue."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at, self.calls, self.delivered = fail_at, 0, []
+
+    async def send(self, message, reason: str) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ConnectionError("broker went away")
+        self.delivered.append((message.offset, reason))
+
+
+def test_the_expiry_sweep_neither_repeats_dead_letters_nor_keeps_what_it_cannot_count(tmp_path):
+    """A send that failed half-way through the orphans made the next sweep send the earlier ones
+    again; an interaction whose counting raised (arm counts another version wrote) stayed forever."""
+    settings = Settings(feedback_max_wait_s=2, online_settle_s=5, impression_ttl_s=60)
+    processor = FeedbackProcessor(faust.App("expiry-test"), settings, ExampleStore(tmp_path / "examples.db"))
+    letters = DeadLettersThatFailOnce(fail_at=2)
+    processor.interactions, processor.arm_stats, processor.dead_letters = {}, {}, letters
+
+    orphans = Interaction(opened_at=0.0)
+    for offset in range(3):
+        event = Feedback(event_id=uuid.uuid4(), query_id="orphan", doc_id=f"d{offset}", type="click", position=1)
+        orphans.add_feedback(event, 0, offset, JoinLimits())
+    processor.interactions["orphan"] = orphans.to_record()
+    with pytest.raises(ConnectionError):
+        asyncio.run(processor._expire_one("orphan", processor.interactions["orphan"], 10.0))
+    asyncio.run(processor._expire_one("orphan", processor.interactions["orphan"], 11.0))
+    assert [offset for offset, _ in letters.delivered] == [0, 1, 2]
+    assert {reason for _, reason in letters.delivered} == {"no impression for query_id within 2 s"}
+    assert "orphan" not in processor.interactions
+
+    settled = Interaction(opened_at=0.0)
+    settled.add_impression(Impression(query_id="settled", query="q", mode="hybrid", model_version="base",
+                                      hits=[ShownHit(doc_id="d1", position=1, score=1.0)]), JoinLimits())
+    processor.interactions["settled"] = settled.to_record()
+    processor.arm_stats["base|champion"] = {"impressions": "many"}
+    for now in (30.0, 45.0, 61.0):
+        asyncio.run(processor._expire_one("settled", processor.interactions["settled"], now))
+    assert "settled" not in processor.interactions
