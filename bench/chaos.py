@@ -63,7 +63,7 @@ from autoglm.debezium import change_event, producer  # noqa: E402
 from autoglm.metrics import sample_value  # noqa: E402
 from autoglm.process import die_with_parent  # noqa: E402
 from autoglm.topics import DEAD_LETTERS, PLATFORM_TOPICS, ensure_topics  # noqa: E402
-from bench.ingest import git_version, log_tail  # noqa: E402
+from bench.report import finish, git_version, log_tail  # noqa: E402
 
 SCHEMA = "chaos"
 TOPIC_PREFIX = f"cdc.{SCHEMA}"
@@ -824,15 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="autoglm-chaos-")))
         data_dir.mkdir(parents=True, exist_ok=True)
         results = run(plan, data_dir)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, args.out.with_suffix(".png"))
-    print_table(results)
-    console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
-    missed = [name for name, check in results["targets"].items() if not check["met"]]
-    if missed:
-        console.print(f"[red]targets missed: {', '.join(missed)}")
-    return 1 if missed else 0
+    return finish(results, args.out, plot, print_table)
 
 
 if __name__ == "__main__":

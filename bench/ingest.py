@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import functools
 import itertools
-import json
 import os
 import platform
 import queue
@@ -62,6 +61,7 @@ from autoglm.encoder import Encoder  # noqa: E402
 from autoglm.process import die_with_parent  # noqa: E402
 from autoglm.settings import FusionWeights, Settings  # noqa: E402
 from autoglm.topics import ensure_topics  # noqa: E402
+from bench.report import finish, git_version, log_tail  # noqa: E402
 from search.embedded import EmbeddedIndex  # noqa: E402
 from search.protocol import Document  # noqa: E402
 from search.query import MODES, SearchService  # noqa: E402
@@ -245,10 +245,6 @@ def stop_worker(worker: subprocess.Popen, outcome: dict, timeout: float = 30.0) 
             worker.wait()
             outcome["killed_after_s"] = timeout
     outcome.update(exit_code=worker.returncode, shutdown_s=round(time.perf_counter() - started, 2))
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 # -- noisy neighbours ---------------------------------------------------------------------------
@@ -529,13 +525,6 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads(), "git": git_version()}
 
 
-def git_version() -> str:
-    """The checked-out commit, "-dirty" with local changes; read at the start and at the end of a run,
-    so a result can be traced to the code it measured even when the tree moves meanwhile."""
-    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
-
-
 # -- the run ----------------------------------------------------------------------------------------
 
 
@@ -708,15 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM becomes SystemExit so the finally clauses stop the worker and the broker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     results = run(args.dataset.resolve(), Plan.from_args(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, args.out.with_suffix(".png"))
-    print_table(results)
-    console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
-    missed = [name for name, check in results["targets"].items() if not check["met"]]
-    if missed:
-        console.print(f"[red]targets missed: {', '.join(missed)}")
-    return 1 if missed else 0
+    return finish(results, args.out, plot, print_table)
 
 
 if __name__ == "__main__":

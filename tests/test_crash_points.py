@@ -95,19 +95,24 @@ def assert_stores_agree(index: EmbeddedIndex, encoder: Encoder, replayed: bool =
     assert {doc_id: c for doc_id, c in cosines.items() if c <= 0.999} == {}
 
 
-@pytest.mark.parametrize("step", COMMIT_STEPS)
-def test_a_crash_at_any_commit_step_is_mended_by_the_replay(step, encoder, tmp_path, monkeypatch):
-    index = EmbeddedIndex(tmp_path / "index")
+def crash_while_committing_b(step: str, directory, encoder: Encoder, monkeypatch) -> None:
+    """Commit revision A, then cut the commit of B short at ``step`` and drop the index: the
+    process is gone, so nothing else runs (no rollback, no clean close of what was written)."""
+    index = EmbeddedIndex(directory)
     apply(IngestSink(index, encoder), 0, len(BATCH_A))
     with monkeypatch.context() as patch:
         def power_cut(*args, **kwargs):
             raise PowerCut(step)
         patch.setattr(EmbeddedIndex, step, power_cut)
-        patch.setattr(EmbeddedIndex, "rollback", lambda self: None)  # the process is gone: nothing else runs
+        patch.setattr(EmbeddedIndex, "rollback", lambda self: None)
         with pytest.raises(PowerCut):
             apply(IngestSink(index, encoder), len(BATCH_A), len(BATCH_A) + len(BATCH_B))
     index.close()
 
+
+@pytest.mark.parametrize("step", COMMIT_STEPS)
+def test_a_crash_at_any_commit_step_is_mended_by_the_replay(step, encoder, tmp_path, monkeypatch):
+    crash_while_committing_b(step, tmp_path / "index", encoder, monkeypatch)
     reopened = EmbeddedIndex(tmp_path / "index")
     try:
         replay(reopened, encoder)
@@ -115,6 +120,19 @@ def test_a_crash_at_any_commit_step_is_mended_by_the_replay(step, encoder, tmp_p
     finally:
         reopened.close()
 
+
+@pytest.mark.parametrize("step", COMMIT_STEPS)
+def test_a_crash_with_nothing_to_replay_is_mended_by_the_repair(step, encoder, tmp_path, monkeypatch):
+    """The source is gone after the crash (an in-memory broker restarted empty): reopening and the
+    sink's repair alone leave every store agreeing with the stored rows."""
+    crash_while_committing_b(step, tmp_path / "index", encoder, monkeypatch)
+    reopened = EmbeddedIndex(tmp_path / "index")
+    try:
+        IngestSink(reopened, encoder).repair()
+        assert reopened.ids_to_reembed() == []
+        assert_stores_agree(reopened, encoder, replayed=False)
+    finally:
+        reopened.close()
 
 
 @pytest.mark.parametrize("step", COMMIT_STEPS)
@@ -134,27 +152,3 @@ def test_a_failure_at_any_commit_step_is_rolled_back_and_the_retry_is_exact(step
         assert_stores_agree(index, encoder)
     finally:
         index.close()
-
-
-@pytest.mark.parametrize("step", COMMIT_STEPS)
-def test_a_crash_with_nothing_to_replay_is_mended_by_the_repair(step, encoder, tmp_path, monkeypatch):
-    """The source is gone after the crash (an in-memory broker restarted empty): reopening and the
-    sink's repair alone leave every store agreeing with the stored rows."""
-    index = EmbeddedIndex(tmp_path / "index")
-    apply(IngestSink(index, encoder), 0, len(BATCH_A))
-    with monkeypatch.context() as patch:
-        def power_cut(*args, **kwargs):
-            raise PowerCut(step)
-        patch.setattr(EmbeddedIndex, step, power_cut)
-        patch.setattr(EmbeddedIndex, "rollback", lambda self: None)
-        with pytest.raises(PowerCut):
-            apply(IngestSink(index, encoder), len(BATCH_A), len(BATCH_A) + len(BATCH_B))
-    index.close()
-
-    reopened = EmbeddedIndex(tmp_path / "index")
-    try:
-        IngestSink(reopened, encoder).repair()
-        assert reopened.ids_to_reembed() == []
-        assert_stores_agree(reopened, encoder, replayed=False)
-    finally:
-        reopened.close()
