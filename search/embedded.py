@@ -95,6 +95,7 @@ class EmbeddedIndex:
             "SELECT COALESCE(MAX(vector_key), 0) FROM documents").fetchone()[0])
 
         self._manifest_path = self.directory / "manifest.json"
+        self._manifest = self._read_manifest()
         self._pending_ids: set[str] = set()
         self._mend_pending()
         self._db.execute("BEGIN")
@@ -191,8 +192,7 @@ class EmbeddedIndex:
             self._commit_offsets(offsets)
 
     def _mark_pending(self) -> None:
-        write_atomically(self._manifest_path, json.dumps(
-            {**self._manifest(), "pending_ids": sorted(self._pending_ids)}, indent=1).encode())
+        self._write_manifest({**self._manifest, "pending_ids": sorted(self._pending_ids)})
 
     def _commit_text(self) -> None:
         self._text_writer.commit()
@@ -211,25 +211,29 @@ class EmbeddedIndex:
 
     def _commit_offsets(self, offsets: Mapping[str, int]) -> None:
         merged = {**self.committed_offsets(), **offsets}
-        write_atomically(self._manifest_path, json.dumps(
-            {"offsets": merged, "documents": self.count(), "committed_at": time.time(), "pending_ids": []},
-            indent=1).encode())
+        self._write_manifest({"offsets": merged, "documents": self.count(), "committed_at": time.time(),
+                              "pending_ids": []})
         self._pending_ids.clear()
 
     def committed_offsets(self) -> dict[str, int]:
-        return self._manifest().get("offsets", {})
+        return dict(self._manifest.get("offsets", {}))
 
-    def _manifest(self) -> dict:
+    def _read_manifest(self) -> dict:
+        """The manifest on disk, read once at open: this process is its only writer."""
         if not self._manifest_path.exists():
             return {}
         return json.loads(self._manifest_path.read_text())
+
+    def _write_manifest(self, manifest: dict) -> None:
+        write_atomically(self._manifest_path, json.dumps(manifest, indent=1).encode())
+        self._manifest = manifest
 
     def _mend_pending(self) -> None:
         """After a commit cut short (see ``commit``), the ids it named may have text and vectors
         newer than their rows. Live ones forget their content hash, so a replayed change, or the
         sink's repair (``ids_to_reembed``), re-embeds them; deleted or unknown ones leave the text
         and vector stores at once, so nothing of them stays searchable when no replay comes."""
-        pending = self._manifest().get("pending_ids", [])
+        pending = self._manifest.get("pending_ids", [])
         if not pending:
             return
         rows: dict[str, tuple[int, int]] = {}
