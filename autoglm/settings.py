@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +47,14 @@ class Settings:
     broker: str = "127.0.0.1:9092"
     # Kafka consumer group of the ingest workers; one group per index.
     group_id: str = "autoglm-ingest"
+    # Consumer group of the learners: the one holding the feedback partition is active.
+    learn_group_id: str = "autoglm-learn"
     data_dir: Path = Path("./autoglm-data")
+    # Where a process role's HTTP server listens, and the URL others (MLflow's webhooks) use to
+    # reach it; None: http://<host>:<port>, with this machine's hostname for a wildcard host.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    advertise_url: str | None = None
     cdc_topics: str = r"^cdc\."
     mapping_file: Path | None = None
     # Micro-batching of the ingest stream: a batch closes when it holds batch_max events
@@ -110,6 +116,13 @@ class Settings:
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def advertised_url(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = socket.gethostname() if self.api_host in ("0.0.0.0", "::", "") else self.api_host
+        return f"http://{host}:{self.api_port}"
 
     @property
     def index_dir(self) -> Path:

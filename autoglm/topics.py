@@ -18,8 +18,10 @@ IMPRESSIONS = "autoglm.impressions"
 FEEDBACK = "autoglm.feedback"
 TRAINING = "autoglm.training"
 CLOCK = "autoglm.clock"  # empty ticks that wake the feedback processor when no events come
+ONLINE = "autoglm.online"  # the learner's online metrics and guard verdicts, newest per key
 
-PLATFORM_TOPICS = (DEAD_LETTERS, IMPRESSIONS, FEEDBACK, TRAINING, CLOCK)
+PLATFORM_TOPICS = (DEAD_LETTERS, IMPRESSIONS, FEEDBACK, TRAINING, CLOCK, ONLINE)
+COMPACTED = (ONLINE,)  # only the newest record per key matters
 
 
 def admin_client(broker: str) -> AdminClient:
@@ -36,7 +38,8 @@ def ensure_topics(broker: str, names: list[str] | tuple[str, ...], partitions: i
     """Create the topics that do not exist yet; existing ones are left as they are."""
     admin = admin_client(broker)
     existing = set(admin.list_topics(timeout=10).topics)
-    missing = [NewTopic(name, num_partitions=partitions, replication_factor=1)
+    missing = [NewTopic(name, num_partitions=partitions, replication_factor=1,
+                        config={"cleanup.policy": "compact"} if name in COMPACTED else {})
                for name in names if name not in existing]
     if not missing:
         return

@@ -357,7 +357,7 @@ class Worker:
             log.write(f"\n===== chaos: worker start at {time.ctime()} =====\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "autoglm.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
+                [sys.executable, "-m", "roles.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
                  "--api-port", str(self.port), "--group-id", "chaos-ingest", "--cdc-topics", rf"^{TOPIC_PREFIX}\."],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=die_with_parent)
 

@@ -203,7 +203,7 @@ def running_worker(broker: str, data_dir: Path, outcome: dict) -> Iterator[Worke
         log = stack.enter_context(open(log_path, "ab"))
         started = time.perf_counter()
         worker = subprocess.Popen(
-            [sys.executable, "-m", "autoglm.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
+            [sys.executable, "-m", "roles.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
              "--api-port", str(port), "--cdc-topics", r"^cdc\."],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=die_with_parent)
         stack.callback(stop_worker, worker, outcome)

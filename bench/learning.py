@@ -1,6 +1,6 @@
 """Learning-loop benchmark: rounds of simulated feedback on SciFact train queries.
 
-Runs the whole loop (``autoglm.demo``) on the full corpus: each round, simulated users
+Runs the whole loop (``roles.demo``) on the full corpus: each round, simulated users
 search and click until a window of W examples trains, gates and registers a model, which
 serves as the new champion. Per round it reports dev nDCG@10 for dense and hybrid (the dev
 split is carved from train; nothing is tuned on test) and the time from the window's
@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from autoglm.demo import run_demo
+from roles.demo import run_demo
 from autoglm.settings import DEMO_LEARNING_RATE, DEMO_TRAIN_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -51,7 +51,7 @@ class Worker:
         self.port = free_port()
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "autoglm.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
+            [sys.executable, "-m", "roles.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
              "--api-port", str(self.port), "--cdc-topics", r"^cdc\.promotion\.", "--mlflow-uri", mlflow,
              "--group-id", f"promotion-{data_dir.name}", *options],
             stdout=subprocess.DEVNULL, stderr=open(data_dir.parent / f"{data_dir.name}.log", "w"),

@@ -34,7 +34,7 @@ from consumers.finetune import TrainConfig
 from consumers.trainer import GateSet, Trainer, TrainerConfig
 from feedback.examples import TrainingExample
 from feedback.propensity import PositionBiasModel
-from feedback.store import ExampleStore
+from feedback.sqlite_store import SqliteExampleStore
 from registry.models import ModelRegistry
 from search.embedded import EmbeddedIndex
 from search.protocol import Document, Upsert
@@ -57,7 +57,7 @@ def open_index(dataset: Path, directory: Path, batch: int = 256) -> EmbeddedInde
     return index
 
 
-class ReweightedStore(ExampleStore):
+class ReweightedStore(SqliteExampleStore):
     """The recorded windows, each example weighted again by its rank under ``bias`` (None: weight 1)."""
 
     def __init__(self, path: Path, bias: PositionBiasModel | None):
@@ -90,7 +90,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="autoglm-replay-"))
     try:
         shutil.copy(args.examples, work / "examples.db")  # the trainer writes nothing there, but stays off the original
-        store = ExampleStore(work / "examples.db") if args.propensities == "stored" else \
+        store = SqliteExampleStore(work / "examples.db") if args.propensities == "stored" else \
             ReweightedStore(work / "examples.db", PositionBiasModel() if args.propensities == "prior" else None)
         registry = ModelRegistry(f"sqlite:///{work / 'mlflow.db'}", artifact_root=work / "artifacts")
         gate = GateSet.dev_split(dataset, lambda cid: document_id(dataset, cid))

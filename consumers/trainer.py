@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from consumers.gate import (GateConfig, GateDecision, decide, forgetting_subset,
                            noise_tolerance, per_query)
 from consumers.replay import ReplayBuffer
 from feedback.examples import TrainingExample
-from feedback.store import ExampleStore
+from feedback.store import ExampleStore  # the interface; either backend
 from registry.models import CHALLENGER, CHAMPION, ModelRegistry
 from search.protocol import Index
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 FORGETTING = "forgetting.ndcg@10"
 HOLDOUT = "holdout.mrr@10"
+REPLAY_ARTIFACT = "replay.json"  # the reservoir as logged with each training run
 BASE_FLOORED = ("gate.ndcg@10", "gate.hybrid.ndcg@10")
 # Few queries each: compared within their noise, not epsilon. The gate set's own metrics keep
 # epsilon: a rejected window is not lost (the next training carries it), so the gate can be strict.
@@ -113,12 +115,19 @@ class Trainer:
         self.index, self.store, self.registry = index, store, registry
         self.gate_set, self.config, self.on_new_champion = gate_set, config, on_new_champion
         self.reservoir_path = reservoir_path
+        reservoir_path.parent.mkdir(parents=True, exist_ok=True)
         self.replay = ReplayBuffer.load(reservoir_path) if reservoir_path.exists() else ReplayBuffer()
         self._base: PerQuery | None = None
 
     def train(self, windows: list[int]) -> TrainingOutcome | None:
-        """None when this store holds no example of the windows (another worker's request)."""
+        """None when the windows hold no example, or a run already trained and judged this very
+        request (a learner died after deciding, before committing the request)."""
         started = time.monotonic()
+        request = request_name(windows)
+        done = self.registry.decided_training(request)
+        if done:
+            log.warning("windows %s were trained already by run %s; not training them again", windows, done)
+            return None
         new_examples = [example for window in windows for example in self.store.examples_in(window)]
         if not new_examples:
             log.warning("windows %s hold no examples in this store: nothing to train", windows)
@@ -128,6 +137,7 @@ class Trainer:
         carried = self._carried_windows(champion_version, windows)
         examples = [example for window in carried for example in self.store.examples_in(window)] + new_examples
         fit, held_out = split_holdout(examples, self.config.holdout_share)
+        self._catch_up_replay()
 
         # Enough replayed items for replay_ratio of every batch, drawn from the reservoir.
         replay_size = int(len(fit) * self.config.train.epochs * self.config.train.replay_ratio) + 1
@@ -147,7 +157,7 @@ class Trainer:
         metrics = {**{f"candidate.{k}": v for k, v in candidate_metrics.items()},
                    **{f"champion.{k}": v for k, v in champion_metrics.items()}}
         trained = sorted({*carried, *windows})
-        lineage = {"windows": ",".join(map(str, trained)), "carried_windows": ",".join(map(str, carried)),
+        lineage = {"request": request, "windows": ",".join(map(str, trained)), "carried_windows": ",".join(map(str, carried)),
                    "parent_version": champion_version or "base",
                    "examples": str(len(examples)), "examples_trained": str(result.examples_used),
                    "examples_held_out": str(len(held_out)), "replay_seen": str(self.replay.seen),
@@ -155,7 +165,7 @@ class Trainer:
         params = {**asdict(self.config.train), "holdout_share": self.config.holdout_share,
                   "epsilon": self.config.gate.epsilon}
         run_id = self.registry.log_training(params, result.loss_curve, metrics, lineage, result.state_dict,
-                                            {"replay.json": self.reservoir_path})
+                                            {REPLAY_ARTIFACT: self.reservoir_path})
         version = None
         if decision.passed:
             version = self.registry.register(run_id, {"gate": "passed", "windows": lineage["windows"],
@@ -175,6 +185,23 @@ class Trainer:
         log.info("training on windows %s: %s", trained,
                  f"registered version {version}" if version else f"rejected ({'; '.join(decision.reasons)})")
         return outcome
+
+    def _catch_up_replay(self) -> None:
+        """Continue from the newest reservoir any learner logged, when it has seen more than this
+        one's: after a failover the new active learner's file is older than the run it takes over
+        from (or missing), and the reservoir would otherwise forget what the other one saw."""
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                path = self.registry.latest_training_artifact(REPLAY_ARTIFACT, Path(scratch))
+            except Exception:  # the registry is away: training is refused later anyway, if it stays away
+                log.exception("could not read the newest replay reservoir; continuing with this learner's")
+                return
+            if path is not None:
+                logged = ReplayBuffer.load(path)
+                if logged.seen > self.replay.seen:
+                    log.info("replay reservoir: continuing from the newest run's (%d seen, this learner's %d)",
+                             logged.seen, self.replay.seen)
+                    self.replay = logged
 
     def _carried_windows(self, champion_version: str | None, windows: list[int]) -> list[int]:
         """The newest windows before ``windows`` and after the last one the champion was trained
@@ -227,6 +254,11 @@ class Trainer:
         return scores
 
 
+def request_name(windows: list[int]) -> str:
+    """A training request's name in MLflow: the windows it was asked to train."""
+    return "windows-" + ",".join(map(str, sorted(windows)))
+
+
 def _mean(values: dict[str, float]) -> float:
     return float(np.mean(list(values.values()))) if values else float("nan")
 
@@ -246,8 +278,11 @@ def split_holdout(examples: list[TrainingExample], share: float) -> tuple[list, 
 class TrainingConsumer:
     """Consumes ``autoglm.training`` in a thread; one training at a time, pending requests coalesced."""
 
-    def __init__(self, broker: str, trainer: Trainer, group_id: str = "autoglm-trainer"):
-        self.trainer = trainer
+    def __init__(self, broker: str, trainer: Trainer, group_id: str = "autoglm-trainer",
+                 active: Callable[[], bool] | None = None):
+        """``active``: whether this process should train now (a standby learner leaves the group,
+        so the request goes to the active one; it joins when it takes over). None: always."""
+        self.trainer, self.active = trainer, active
         self.outcomes: list[TrainingOutcome] = []
         self.last_error: str | None = None
         self._consumer = Consumer({"bootstrap.servers": broker, "group.id": group_id,
@@ -258,7 +293,6 @@ class TrainingConsumer:
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
 
     def start(self) -> "TrainingConsumer":
-        self._consumer.subscribe([topics.TRAINING])
         self._thread.start()
         return self
 
@@ -267,8 +301,19 @@ class TrainingConsumer:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        subscribed = False
         try:
             while not self._stop.is_set():
+                wanted = self.active is None or self.active()
+                if wanted != subscribed:
+                    if wanted:
+                        self._consumer.subscribe([topics.TRAINING])
+                    else:  # a request it did not commit goes to the one that took over
+                        self._consumer.unsubscribe()
+                    subscribed = wanted
+                if not subscribed:
+                    self._stop.wait(0.5)
+                    continue
                 requests = self._next_requests()
                 if requests:
                     outcome = self._train(sorted({request.window_id for request in requests}))

@@ -1,51 +1,22 @@
-"""Durable, deduplicated training examples and the windows cut from them (SQLite under the data dir).
+"""Where training examples and the windows cut from them are kept: the interface, apart from
+its backends (feedback/sqlite_store.py for the embedded default, feedback/elasticsearch_store.py
+when several learners share the work).
 
-The stream processor adds examples (a replayed record adds nothing: example ids are unique)
-and closes a window when enough have accumulated; the trainer reads a window's examples.
-Closing a window caps each session's share of it, so one user or bot cannot dominate.
+The join adds examples (a replayed record adds nothing: example ids are unique) and closes a
+window when enough have accumulated; the trainer reads a window's examples. Closing a window
+caps each session's share of it, so one user or bot cannot dominate. Window ids count up from 1
+and are never reused, whichever process closes the window.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sqlite3
-import threading
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Hashable, Iterable, Protocol, TypeVar
 
 from feedback.examples import TrainingExample
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS examples (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    example_id TEXT NOT NULL UNIQUE,
-    session_id TEXT,
-    body TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS windows (
-    window_id INTEGER PRIMARY KEY,
-    first_seq INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL,
-    examples INTEGER NOT NULL,
-    sessions INTEGER NOT NULL,
-    dropped_by_session_cap INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS window_examples (
-    window_id INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (window_id, seq)
-);
-CREATE TABLE IF NOT EXISTS rank_stats (
-    rank INTEGER PRIMARY KEY,
-    shown INTEGER NOT NULL DEFAULT 0,
-    clicked INTEGER NOT NULL DEFAULT 0
-);
-"""
+Item = TypeVar("Item", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -60,86 +31,51 @@ class Window:
     created_at: float
 
 
-class ExampleStore:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an example acked by the join survives a power loss
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-
+class ExampleStore(Protocol):
     def add(self, examples: list[TrainingExample]) -> int:
-        """Store new examples; returns how many were new (the rest were duplicates)."""
-        now = time.time()
-        with self._lock, self._db:
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO examples (example_id, session_id, body, created_at) VALUES (?, ?, ?, ?)",
-                [(e.example_id, e.session_id, json.dumps(asdict(e)), now) for e in examples])
-            return self._db.total_changes - before
+        """Store new examples durably; returns how many were new (the rest were duplicates)."""
 
     def pending(self) -> int:
         """Examples not yet in any window."""
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM examples WHERE seq > ?",
-                                    (self._last_seq(),)).fetchone()[0]
+
+    def resume(self) -> None:
+        """Re-read what another process may have changed since this one opened the store: called
+        when this process becomes the join's owner (a standby learner taking over)."""
 
     def last_window(self) -> Window | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM windows ORDER BY window_id DESC LIMIT 1").fetchone()
-        return Window(*row) if row else None
+        ...
 
     def close_window(self, reason: str, max_session_share: float) -> Window | None:
-        """Cut a window from every pending example, at most ceil(share * n) per session."""
-        with self._lock, self._db:
-            first = self._last_seq() + 1
-            rows = self._db.execute("SELECT seq, session_id FROM examples WHERE seq >= ? ORDER BY seq",
-                                    (first,)).fetchall()
-            if not rows:
-                return None
-            cap = max(1, math.ceil(max_session_share * len(rows)))
-            taken: dict[str | None, int] = {}
-            kept = []
-            for seq, session in rows:
-                if session is not None and taken.get(session, 0) >= cap:
-                    continue
-                taken[session] = taken.get(session, 0) + 1
-                kept.append(seq)
-            window_id = 1 + self._db.execute("SELECT COALESCE(MAX(window_id), 0) FROM windows").fetchone()[0]
-            window = Window(window_id, first, rows[-1][0], len(kept), len(taken), len(rows) - len(kept),
-                            reason, time.time())
-            self._db.execute("INSERT INTO windows VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tuple(asdict(window).values()))
-            self._db.executemany("INSERT INTO window_examples VALUES (?, ?)", [(window_id, s) for s in kept])
-            return window
+        """Cut a window from every pending example, at most ceil(share * n) per session; None
+        when nothing is pending."""
 
     def examples_in(self, window_id: int) -> list[TrainingExample]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT e.body FROM window_examples w JOIN examples e ON e.seq = w.seq"
-                " WHERE w.window_id = ? ORDER BY e.seq", (window_id,)).fetchall()
-        return [_example(json.loads(body)) for (body,) in rows]
+        ...
 
     def add_rank_stats(self, shown_ranks: int = 0, clicked_rank: int | None = None) -> None:
-        with self._lock, self._db:
-            for rank in range(1, shown_ranks + 1):
-                self._db.execute("INSERT INTO rank_stats (rank, shown) VALUES (?, 1) ON CONFLICT(rank)"
-                                 " DO UPDATE SET shown = shown + 1", (rank,))
-            if clicked_rank is not None:
-                self._db.execute("INSERT INTO rank_stats (rank, clicked) VALUES (?, 1) ON CONFLICT(rank)"
-                                 " DO UPDATE SET clicked = clicked + 1", (clicked_rank,))
+        """Count an impression's shown ranks, or one click at a rank (for log-estimated propensities)."""
 
     def rank_stats(self) -> tuple[dict[int, int], dict[int, int]]:
-        with self._lock:
-            rows = self._db.execute("SELECT rank, shown, clicked FROM rank_stats").fetchall()
-        return {r: s for r, s, _ in rows}, {r: c for r, _, c in rows}
+        """(rank -> times shown, rank -> times clicked)."""
 
     def close(self) -> None:
-        self._db.close()
-
-    def _last_seq(self) -> int:
-        return self._db.execute("SELECT COALESCE(MAX(last_seq), 0) FROM windows").fetchone()[0]
+        ...
 
 
-def _example(body: dict) -> TrainingExample:
+def session_capped(rows: Iterable[tuple[Item, str | None]], max_session_share: float) -> tuple[list[Item], int]:
+    """The items of (item, session) rows that fit the cap of ceil(share * n) per session, in
+    order, and how many sessions the rows came from (no session counts as one)."""
+    rows = list(rows)
+    cap = max(1, math.ceil(max_session_share * len(rows)))
+    taken: dict[str | None, int] = {}
+    kept = []
+    for item, session in rows:
+        if session is not None and taken.get(session, 0) >= cap:
+            continue
+        taken[session] = taken.get(session, 0) + 1
+        kept.append(item)
+    return kept, len(taken)
+
+
+def example_from_dict(body: dict) -> TrainingExample:
     return TrainingExample(**{**body, "negative_ids": tuple(body["negative_ids"])})

@@ -87,6 +87,18 @@ class ModelRegistry:
         self.client.log_batch(run_id, metrics=_metrics(metrics, now),
                               tags=[RunTag(DECISION_TAG, "rejected"), RunTag(REJECTION_REASON_TAG, reason)])
 
+    def decided_training(self, request: str) -> str | None:
+        """The run that already trained and judged the training request ``request`` (its
+        ``lineage.request`` tag), if any: a learner that took over a request its predecessor
+        finished, but had not yet marked done, does not train it twice."""
+        experiment = self.client.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is None:
+            return None
+        runs = self.client.search_runs([experiment.experiment_id],
+                                       filter_string=f"tags.`{LINEAGE_PREFIX}request` = '{request}'"
+                                                     f" and tags.`{DECISION_TAG}` != ''", max_results=1)
+        return runs[0].info.run_id if runs else None
+
     def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(EXPERIMENT_NAME)
         if experiment is not None:
@@ -208,6 +220,20 @@ class ModelRegistry:
         dst_dir = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="autoglm-artifact-"))
         dst_dir.mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, f"{EXTRAS_DIR}/{name}", str(dst_dir)))
+
+    def latest_training_artifact(self, name: str, dst_dir: Path) -> Path | None:
+        """The extra artifact ``name`` of the newest finished training run that logged one,
+        whichever learner ran it, copied into ``dst_dir``; None when no run has it."""
+        experiment = self.client.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is None:
+            return None
+        for run in self.client.search_runs([experiment.experiment_id], filter_string="status = 'FINISHED'",
+                                           order_by=["attributes.start_time DESC"], max_results=5):
+            if any(item.path == f"{EXTRAS_DIR}/{name}"
+                   for item in self.client.list_artifacts(run.info.run_id, EXTRAS_DIR)):
+                dst_dir.mkdir(parents=True, exist_ok=True)
+                return Path(self.client.download_artifacts(run.info.run_id, f"{EXTRAS_DIR}/{name}", str(dst_dir)))
+        return None
 
     def _resolve(self, alias_or_version: str) -> str:
         if str(alias_or_version).isdigit():

@@ -52,8 +52,11 @@ class _ChampionWatch:
 class RollbackGuard:
     def __init__(self, registry: ModelRegistry, models: ServedModels, online: OnlineStats,
                  on_rollback: Callable[[], None], alpha: float = 0.05, min_impressions: int = 50,
-                 champion_watch: int = 1000, interval_s: float = 2.0):
+                 champion_watch: int = 1000, interval_s: float = 2.0, active: Callable[[], bool] = lambda: True):
+        """``active``: whether this process is the one learner that counts the arms (a standby's
+        counts are stale, so it must not judge them)."""
         self.registry, self.models, self.online, self.on_rollback = registry, models, online, on_rollback
+        self.active = active
         self.alpha, self.min_impressions, self.interval_s = alpha, min_impressions, interval_s
         if 0 < champion_watch < min_impressions:
             raise ValueError(f"a champion watch of {champion_watch} impressions ends before the "
@@ -151,6 +154,8 @@ class RollbackGuard:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if not self.active():
+                continue
             for check in (self.check, self.check_champion):
                 try:
                     check()

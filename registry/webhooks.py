@@ -40,9 +40,11 @@ def webhook_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
-def receiver_name(data_dir: Path) -> str:
-    """One webhook per data dir (MLflow names: letters, digits, ``.-_``, under 63 characters)."""
-    return "autoglm-serving-" + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+def receiver_name(receiver_url: str) -> str:
+    """One webhook per serving replica, named after the URL it is reached at, so replicas never
+    replace each other's and a restart replaces its own (MLflow names: letters, digits, ``.-_``,
+    under 63 characters)."""
+    return "autoglm-serving-" + hashlib.sha256(receiver_url.encode()).hexdigest()[:16]
 
 
 def register_receiver(tracking_uri: str, name: str, url: str, secret: str) -> str:

@@ -17,11 +17,12 @@ from typing import Any, Callable, Literal
 from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
 from autoglm import topics
+from autoglm.health_api import HealthProbe, add_health_routes
 from autoglm.interactions import (FEEDBACK_RETENTION_S, MAX_DWELL_S, MAX_ID_CHARS, Feedback, Impression, ShownHit,
                                   parse_feedback)
 from autoglm.publisher import EventPublisher
@@ -39,8 +40,6 @@ NOT_BLANK = "[^ \t\n\r\f\v]"
 log_ = logging.getLogger(__name__)  # not `log`: /search has a query parameter of that name
 UNLOGGED_IMPRESSIONS = Counter("autoglm_impressions_unlogged", "Search answers served without an impression "
                                "because the impression schema refused them")
-
-HealthProbe = Callable[[], dict[str, str | None]]  # component -> None when up, else why it is down
 
 
 @dataclass(frozen=True)
@@ -177,14 +176,6 @@ def create_app(service: SearchService, health: HealthProbe, publisher: EventPubl
                 "source": {"table": doc.table, "position": list(doc.position),
                            "ts_ms": doc.source_ts_ms}}
 
-    @app.get("/healthz", responses={503: {"description": "a component is down; the body says which and why"}})
-    def healthz() -> JSONResponse:
-        status = health()
-        down = {name: why for name, why in status.items() if why}
-        body = {"status": "down" if down else "ok",
-                "components": {name: (why or "up") for name, why in status.items()}}
-        return JSONResponse(status_code=503 if down else 200, content=body)
-
     @app.get("/models", responses={404: error("this server runs without a model registry", Detail)})
     def models() -> dict:
         """Versions, aliases, the arms serving now, gate metrics and per-arm online metrics."""
@@ -209,8 +200,5 @@ def create_app(service: SearchService, health: HealthProbe, publisher: EventPubl
         alias_hook.on_alias_moved()
         return JSONResponse(status_code=200, content={"status": "syncing"})
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def prometheus_metrics() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
+    add_health_routes(app, health)
     return app

@@ -1,28 +1,37 @@
 """The Elasticsearch backend of the index protocol (search/protocol.py), for production.
 
-Layout: documents live in a concrete index (``<name>-<timestamp>``) behind the alias ``<name>``,
-so ``reindex`` can build a new index and swap the alias atomically. Consumer offsets live in
-``<name>-offsets``, one document per backend instance.
+Layout: documents live in a concrete index (``<name>-000001`` at first, so processes that start
+at once agree on it) behind the alias ``<name>``, so ``reindex`` can build a new index and swap
+the alias atomically. Consumer offsets live in ``<name>-offsets``, one document per
+"topic:partition" (id = that key, body ``{key, offset}``), so workers owning different
+partitions never write the same document.
 
-Ordering is enforced by Elasticsearch itself as well as by the ingest sink: every write carries
-``version`` = the source position as an integer (``position_version``) with
-``version_type=external_gte``, so an older write is refused (409, counted as stale, not retried).
-A delete is written as a tombstone document (``deleted: true``) rather than removed, because an
-external-version delete is forgotten after ``index.gc_deletes`` and a late, older upsert could
-then resurrect the row. Every query filters tombstones out.
+Several writers may write one id at once (a worker revoked by a rebalance still flushing its last
+batch while the new owner writes). Every write is a compare-and-set on Elasticsearch's
+``_seq_no``/``_primary_term``: ``states`` remembers them for each id it reads (or that the id is
+absent), and ``commit`` writes with ``if_seq_no``/``if_primary_term`` (``create`` for an absent
+id; an id written without a ``states`` read first, such as a truncate's deletions, is read in
+``commit``). A 409 means another writer wrote that id since the read: it is read again and
+decided by the source order (``autoglm.events.is_newer``, which also orders positions of
+different kinds): a stored change newer or equal makes ours stale (dropped), an older one is
+overwritten with the fresh ``_seq_no``; a few rounds at most, then the commit fails as transient.
+Elasticsearch's own versions play no part: they would map every kind of position onto one number.
+A delete is written as a tombstone document (``deleted: true``, with its position) rather than
+removed: Elasticsearch forgets a delete (after ``index.gc_deletes``), the tombstone keeps the
+order, so a late, older upsert cannot resurrect the row. Every query filters tombstones out.
 
 Commit protocol (``write_batch`` buffers, ``commit`` does the work, in this order):
-1. bulk-write the buffered actions, retrying transport errors and 429s with backoff; version
-   conflicts are stale writes and ignored; items refused for good (other 4xx, e.g. a mapping
-   error) raise ``RefusedChanges`` and any other item failure ``BulkWriteFailed``, both before
-   step 3, so the batch's offsets are not recorded (the caller dead-letters refused changes and
-   commits again without them);
-2. refresh the documents index if the refresh policy asks for it (``wait_for`` / ``true``);
-3. write the offsets document with ``refresh=wait_for``.
+1. bulk-write the buffered documents as above, retrying transport errors and 429s with backoff,
+   with the refresh policy on the bulk request (``wait_for``: returns once the next scheduled
+   refresh made them searchable; ``true``: refreshes at once; ``false``: the index's
+   refresh_interval decides); items refused for good (other 4xx, e.g. a mapping error) raise
+   ``RefusedChanges`` and any other item failure ``BulkWriteFailed``, both before step 2, so the
+   batch's offsets are not recorded (the caller dead-letters refused changes and commits again
+   without them);
+2. write the offset documents that changed, compare-and-set as well: on a conflict the offset
+   is read again and the larger one kept (a stale writer never moves an offset back; a writer
+   whose read is current may, as a worker re-reading a reset partition does).
 The caller commits Kafka offsets only after this returns.
-
-No Elasticsearch server can run on the development machines: the conformance suite runs against
-one when ``AUTOGLM_ES_URL`` is set; the request bodies are unit-tested without a server.
 """
 
 from __future__ import annotations
@@ -31,10 +40,11 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from autoglm.events import is_newer
 from autoglm.settings import FusionWeights
 from search.fusion import reciprocal_rank_fusion
 from search.protocol import Deletion, Document, Hit, RefusedChanges, StoredState, Upsert
@@ -42,54 +52,34 @@ from search.protocol import Deletion, Document, Hit, RefusedChanges, StoredState
 log = logging.getLogger(__name__)
 
 DIMENSION = 384
-STALE_WRITE = 409  # version_conflict_engine_exception: an older change than the stored one
+CONFLICT = 409  # version_conflict_engine_exception: another writer wrote the id since we read it
+CONFLICT_ROUNDS = 5  # re-read and retry at most this often before the commit fails as transient
+REFRESH_ON_BULK = {"wait_for": "wait_for", "true": "true", "false": None}
+
+Token = tuple[int, int]  # (_seq_no, _primary_term) of the version read; None: the id is absent
 
 
 class BulkWriteFailed(RuntimeError):
-    """Some bulk items failed for another reason than being stale; the batch is not committed."""
+    """Some writes failed for another reason than being stale; the batch is not committed."""
 
     def __init__(self, failures: list[dict]):
         self.failures = failures
         super().__init__(f"{len(failures)} bulk items failed, first: {json.dumps(failures[0])[:500]}")
 
 
-def position_version(position: Sequence) -> int:
-    """The source position as Elasticsearch's external version: a non-negative int64 that never
-    decreases along one kind's order (see ``autoglm.events.source_position``), so ``external_gte``
-    never refuses a newer change. Equal versions are accepted, so a version may be coarser than
-    its position and the ingest sink, which compares whole positions, orders the ties.
+class Stored(NamedTuple):
+    """One id as read: the version to compare-and-set against, its state, its vector if asked for."""
 
-    Exact (strictly increasing) for: ``lsn`` and ``oracle`` (commit SCN); ``mongo`` up to the
-    year 2106 and 2**31 ops a second; ``binlog`` up to file number 2**19, pos 2**32 and 4095
-    rows an event. Coarser by design: ``pg`` keeps the last commit LSN only, ``sqlserver`` the
-    commit LSN's VLF and block (not its slot, change LSN or serial), ``ts_ms`` the millisecond
-    (not the Kafka offset). A field beyond its width saturates the rest, keeping the order.
-    The kinds of one table never mix, so their ranges need not be comparable."""
-    kind = position[0]
-    if kind in ("lsn", "ts_ms", "pg", "oracle"):
-        return int(position[1])
-    if kind == "binlog":
-        _, file, offset, row = position
-        suffix = str(file).rsplit(".", 1)[-1]
-        file_number = int(suffix) if "." in str(file) and suffix.isascii() and suffix.isdigit() else 0
-        return _saturating_pack((file_number, 19), (int(offset), 32), (int(row), 12))
-    if kind == "sqlserver":
-        commit_lsn = int(position[1])  # 32-bit VLF, 32-bit block, 16-bit slot
-        return _saturating_pack((commit_lsn >> 48, 32), ((commit_lsn >> 16) & 0xFFFF_FFFF, 31))
-    if kind == "mongo":
-        return _saturating_pack((int(position[1]), 32), (int(position[2]), 31))
-    raise ValueError(f"unknown position kind {kind!r}")
+    token: Token | None
+    state: StoredState | None
+    vector: list[float] | None = None
 
 
-def _saturating_pack(*fields: tuple[int, int]) -> int:
-    """Concatenate (value, bits) fields, most significant first. A value wider than its field
-    fills it and every later field with ones, so the result stays monotone in the fields' order."""
-    packed, saturated = 0, False
-    for value, bits in fields:
-        full = (1 << bits) - 1
-        saturated = saturated or value > full
-        packed = (packed << bits) | (full if saturated else value)
-    return packed
+class BulkResult(NamedTuple):
+    written: dict[str, Token]
+    conflicted: list[str]
+    refused: dict[str, str]
+    failures: list[dict]
 
 
 def index_settings(refresh_interval: str = "1s") -> dict:
@@ -116,30 +106,32 @@ def index_settings(refresh_interval: str = "1s") -> dict:
     }
 
 
-def bulk_actions(index: str, upserts: Sequence[Upsert], deletions: Sequence[Deletion],
-                 stored_vectors: Mapping[str, list[float]], now_ms: int) -> list[dict]:
-    """Bulk actions with external versions; an upsert without a vector reuses ``stored_vectors``."""
-    actions = []
-    for upsert in upserts:
-        document = upsert.document
-        vector = upsert.vector if upsert.vector is not None else stored_vectors.get(document.id)
-        source = {"id": document.id, "table": document.table, "title": document.title, "text": document.text,
-                  "metadata": document.metadata, "position": json.dumps(list(document.position)),
-                  "source_ts_ms": document.source_ts_ms, "content_hash": document.content_hash,
-                  "deleted": False, "updated_at": now_ms}
-        if vector is not None:
-            source["vector"] = [float(x) for x in np.asarray(vector, dtype=np.float32)]
-        actions.append({"_op_type": "index", "_index": index, "_id": document.id,
-                        "version": position_version(document.position), "version_type": "external_gte",
-                        "_source": source})
-    for deletion in deletions:
-        actions.append({"_op_type": "index", "_index": index, "_id": deletion.id,
-                        "version": position_version(deletion.position), "version_type": "external_gte",
-                        "_source": {"id": deletion.id, "table": deletion.table, "title": "", "text": "",
-                                    "metadata": {}, "position": json.dumps(list(deletion.position)),
-                                    "source_ts_ms": deletion.source_ts_ms, "content_hash": None,
-                                    "deleted": True, "updated_at": now_ms}})
-    return actions
+OFFSETS_MAPPINGS = {"dynamic": "strict", "properties": {"key": {"type": "keyword"}, "offset": {"type": "long"}}}
+
+
+def document_source(change: Upsert | Deletion, vector: Sequence[float] | None, now_ms: int) -> dict:
+    """The stored body of an upsert (with ``vector``, if any) or of a deletion's tombstone."""
+    if isinstance(change, Deletion):
+        return {"id": change.id, "table": change.table, "title": "", "text": "", "metadata": {},
+                "position": json.dumps(list(change.position)), "source_ts_ms": change.source_ts_ms,
+                "content_hash": None, "deleted": True, "updated_at": now_ms}
+    document = change.document
+    source = {"id": document.id, "table": document.table, "title": document.title, "text": document.text,
+              "metadata": document.metadata, "position": json.dumps(list(document.position)),
+              "source_ts_ms": document.source_ts_ms, "content_hash": document.content_hash,
+              "deleted": False, "updated_at": now_ms}
+    if vector is not None:
+        source["vector"] = [float(x) for x in np.asarray(vector, dtype=np.float32)]
+    return source
+
+
+def write_action(index: str, doc_id: str, source: dict, token: Token | None) -> dict:
+    """A bulk action that succeeds only if the id is still as read: the version ``token`` names,
+    or absent (``create``) when it is None; otherwise the item fails with a 409."""
+    if token is None:
+        return {"_op_type": "create", "_index": index, "_id": doc_id, "_source": source}
+    return {"_op_type": "index", "_index": index, "_id": doc_id, "if_seq_no": token[0],
+            "if_primary_term": token[1], "_source": source}
 
 
 LIVE = {"term": {"deleted": False}}
@@ -183,32 +175,46 @@ class ElasticsearchIndex:
         index's refresh_interval decides: more throughput, less freshness)."""
         from elasticsearch import Elasticsearch
 
+        if refresh not in REFRESH_ON_BULK:
+            raise ValueError(f"refresh must be one of {sorted(REFRESH_ON_BULK)}, got {refresh!r}")
         self.client = client or Elasticsearch(url, retry_on_timeout=True, max_retries=5,
                                               request_timeout=30)
         self.alias, self.refresh = name, refresh
         self.offsets_index = f"{name}-offsets"
         self.server_rrf = True  # until the cluster refuses the RRF retriever
-        self._pending: tuple[list[Upsert], list[Deletion]] = ([], [])
+        self._pending: dict[str, Upsert | Deletion] = {}  # by id: the last write since the last commit
+        self._tokens: dict[str, Token | None] = {}  # ids read since the last commit: the version seen
+        self._offsets: dict[str, tuple[int, Token | None]] = {}  # key -> (offset, token) as last read or written
         self._ensure_indices()
 
     # -- setup -----------------------------------------------------------------------------
 
     def _ensure_indices(self) -> None:
+        """Create the first documents index with its alias, and the offsets index, unless they
+        exist; several processes starting at once all succeed and agree on the same indices."""
         if not self.client.indices.exists_alias(name=self.alias):
-            concrete = f"{self.alias}-{time.strftime('%Y%m%d%H%M%S')}"
-            self.client.indices.create(index=concrete, **index_settings(),
-                                       aliases={self.alias: {"is_write_index": True}})
-        if not self.client.indices.exists(index=self.offsets_index):
-            self.client.indices.create(index=self.offsets_index,
-                                       mappings={"dynamic": False, "properties": {}})
+            self._create_index(f"{self.alias}-000001", **index_settings(),
+                               aliases={self.alias: {"is_write_index": True}})
+        self._create_index(self.offsets_index, mappings=OFFSETS_MAPPINGS,
+                           settings={"index": {"number_of_replicas": 0}})
+
+    def _create_index(self, index: str, **body) -> None:
+        from elasticsearch import BadRequestError
+
+        try:
+            self.client.indices.create(index=index, **body)
+        except BadRequestError as exc:
+            if exc.error != "resource_already_exists_exception":  # another process made it first
+                raise
 
     def reindex(self) -> str:
-        """Copy every document (tombstones and versions included) into a new index with the
-        current settings and mappings, then point the alias at it in one atomic step."""
+        """Copy every document (tombstones included) into a new index with the current settings
+        and mappings, then point the alias at it in one atomic step. Writes between the copy and
+        the swap are not copied: stop the ingest workers first."""
         old = list(self.client.indices.get_alias(name=self.alias))
         new = f"{self.alias}-{time.strftime('%Y%m%d%H%M%S')}-r"
         self.client.indices.create(index=new, **index_settings())
-        self.client.reindex(source={"index": self.alias}, dest={"index": new, "version_type": "external_gte"},
+        self.client.reindex(source={"index": self.alias}, dest={"index": new},
                             wait_for_completion=True, refresh=True)
         self.client.indices.update_aliases(actions=[
             *({"remove": {"index": index, "alias": self.alias}} for index in old),
@@ -218,56 +224,111 @@ class ElasticsearchIndex:
     # -- write side ------------------------------------------------------------------------
 
     def states(self, ids: Sequence[str]) -> dict[str, StoredState]:
-        if not ids:
-            return {}
-        found = self.client.mget(index=self.alias, ids=list(ids),
-                                 source_includes=["position", "deleted", "content_hash"])["docs"]
-        return {hit["_id"]: StoredState(hit["_id"], tuple(json.loads(hit["_source"]["position"])),
-                                        hit["_source"]["deleted"], hit["_source"].get("content_hash"))
-                for hit in found if hit.get("found")}
+        """Stored states, with this batch's own writes over them (the ingest sink orders the changes
+        after a truncate against it); remembers the version read for ``commit``'s compare-and-set."""
+        read = self._read(ids)
+        self._tokens.update({doc_id: stored.token for doc_id, stored in read.items()})
+        found = {doc_id: stored.state for doc_id, stored in read.items() if stored.state is not None}
+        found.update({doc_id: _pending_state(self._pending[doc_id]) for doc_id in ids if doc_id in self._pending})
+        return found
 
     def live_ids(self, table: str) -> list[str]:
+        """Live ids of the table, committed (refreshed first, so none is missed whatever the refresh
+        policy) or written in this batch."""
         from elasticsearch.helpers import scan
 
+        self.client.indices.refresh(index=self.alias)
         query = {"query": {"bool": {"filter": [LIVE, {"term": {"table": table}}]}}, "_source": False}
-        return [hit["_id"] for hit in scan(self.client, index=self.alias, query=query)]
+        committed = [hit["_id"] for hit in scan(self.client, index=self.alias, query=query)]
+        live = [doc_id for doc_id in committed if not isinstance(self._pending.get(doc_id), Deletion)]
+        return live + [doc_id for doc_id, change in self._pending.items()
+                       if isinstance(change, Upsert) and change.document.table == table and doc_id not in committed]
 
     def write_batch(self, upserts: Sequence[Upsert], deletions: Sequence[Deletion]) -> None:
-        self._pending[0].extend(upserts)
-        self._pending[1].extend(deletions)
+        for upsert in upserts:
+            previous = self._pending.get(upsert.document.id)
+            if upsert.vector is None and isinstance(previous, Upsert) and previous.vector is not None:
+                upsert = Upsert(upsert.document, previous.vector)  # its stored vector is the one still pending
+            self._pending[upsert.document.id] = upsert
+        for deletion in deletions:
+            self._pending[deletion.id] = deletion
 
     def commit(self, offsets: Mapping[str, int]) -> None:
-        from elasticsearch.helpers import streaming_bulk
+        """See the module docstring."""
+        pending, self._pending = self._pending, {}
+        try:
+            if pending:
+                self._write_documents(pending)
+            self._write_offsets(offsets)
+        finally:
+            self._tokens = {}
 
-        upserts, deletions = self._pending
-        reuse = [u.document.id for u in upserts if u.vector is None]
-        stored = self._stored_vectors(reuse)
-        actions = bulk_actions(self.alias, upserts, deletions, stored, int(time.time() * 1000))
-        refused, failures = {}, []
-        for ok, item in streaming_bulk(self.client, actions, raise_on_error=False, raise_on_exception=True,
-                                       max_retries=5, initial_backoff=0.5, max_backoff=10):
-            result = next(iter(item.values()))
-            status = result.get("status", 0)
-            if ok or status == STALE_WRITE:
-                continue
-            if 400 <= status < 500 and status != 429:
-                refused[result.get("_id")] = json.dumps(result.get("error"))[:1000]
-            else:
-                failures.append(result)
-        if failures:
-            raise BulkWriteFailed(failures)  # transient: the caller rolls back and applies the batch again
-        self._pending = ([], [])
+    def _write_documents(self, changes: dict[str, Upsert | Deletion]) -> None:
+        unread = [doc_id for doc_id in changes if doc_id not in self._tokens]
+        self._tokens.update({doc_id: stored.token for doc_id, stored in self._read(unread).items()})
+        vectors = self._stored_vectors([doc_id for doc_id, change in changes.items()
+                                        if isinstance(change, Upsert) and change.vector is None])
+        now_ms, refused, todo = int(time.time() * 1000), {}, changes
+        for _ in range(CONFLICT_ROUNDS):
+            result = self._bulk(
+                [write_action(self.alias, doc_id, document_source(change, _vector(change, vectors), now_ms),
+                              self._tokens.get(doc_id)) for doc_id, change in todo.items()],
+                refresh=REFRESH_ON_BULK[self.refresh])
+            if result.failures:
+                raise BulkWriteFailed(result.failures)  # transient: the caller rolls back and applies the batch again
+            refused.update(result.refused)
+            if not result.conflicted:
+                break
+            todo = self._decide_again({doc_id: todo[doc_id] for doc_id in result.conflicted}, vectors)
+        else:
+            raise BulkWriteFailed([{"_id": doc_id, "error": "still conflicting after re-reading"} for doc_id in todo])
         if refused:
             raise RefusedChanges(refused)
-        if self.refresh in ("true", "wait_for"):
-            self.client.indices.refresh(index=self.alias)
-        merged = {**self.committed_offsets(), **offsets}
-        self.client.index(index=self.offsets_index, id="offsets", document={"offsets": merged},
-                          refresh="wait_for")
+
+    def _decide_again(self, conflicted: dict[str, Upsert | Deletion],
+                      vectors: dict[str, list[float]]) -> dict[str, Upsert | Deletion]:
+        """After a 409: read the ids again and keep only the changes still newer than what is stored."""
+        fresh = self._read(list(conflicted), with_vectors=True)
+        retry, stale = {}, 0
+        for doc_id, change in conflicted.items():
+            stored = fresh[doc_id]
+            self._tokens[doc_id] = stored.token
+            if stored.state is not None and not is_newer(_position(change), stored.state.position):
+                stale += 1
+                continue
+            if isinstance(change, Upsert) and change.vector is None:
+                if stored.state is None or stored.state.content_hash != change.document.content_hash \
+                        or stored.vector is None:  # the text changed since the sink decided to keep the vector
+                    raise BulkWriteFailed([{"_id": doc_id, "error": "rewritten by another writer with other "
+                                                                    "text: the vector must be computed again"}])
+                vectors[doc_id] = stored.vector
+            retry[doc_id] = change
+        if stale:
+            log.info("%d changes were overtaken by newer ones another writer stored meanwhile: dropped", stale)
+        return retry
+
+    def _write_offsets(self, offsets: Mapping[str, int]) -> None:
+        todo = {key: offset for key, offset in offsets.items() if self._offsets.get(key, (None,))[0] != offset}
+        for _ in range(CONFLICT_ROUNDS):
+            if not todo:
+                return
+            result = self._bulk([write_action(self.offsets_index, key, {"key": key, "offset": offset},
+                                              self._offsets.get(key, (None, None))[1])
+                                 for key, offset in todo.items()])
+            failures = result.failures + [{"_id": key, "error": reason} for key, reason in result.refused.items()]
+            if failures:
+                raise BulkWriteFailed(failures)
+            self._offsets.update({key: (todo[key], token) for key, token in result.written.items()})
+            fresh = self._read_offsets(result.conflicted)
+            self._offsets.update(fresh)
+            todo = {key: todo[key] for key in result.conflicted
+                    if key not in fresh or fresh[key][0] < todo[key]}  # a larger one stays
+        if todo:
+            raise BulkWriteFailed([{"_id": key, "error": "still conflicting after re-reading"} for key in todo])
 
     def rollback(self) -> None:
         """Writes wait in ``_pending`` until ``commit`` sends them: dropping those is the rollback."""
-        self._pending = ([], [])
+        self._pending, self._tokens = {}, {}
 
     def ids_to_reembed(self) -> list[str]:
         """Text, vector and row are one Elasticsearch document, written at once: none to repair."""
@@ -275,7 +336,7 @@ class ElasticsearchIndex:
 
     def is_unavailable(self, exc: BaseException) -> bool:
         """The cluster unreachable, overloaded or failing (transport errors, 408, 429, 5xx, bulk
-        items failing that way), not a document it refuses."""
+        items failing that way, writes still conflicting), not a document it refuses."""
         from elastic_transport import TransportError
         from elasticsearch import ApiError
 
@@ -284,8 +345,57 @@ class ElasticsearchIndex:
         return isinstance(exc, (TransportError, BulkWriteFailed, OSError))
 
     def committed_offsets(self) -> dict[str, int]:
-        found = self.client.options(ignore_status=404).get(index=self.offsets_index, id="offsets").body
-        return dict(found["_source"]["offsets"]) if found.get("found") else {}
+        """Every partition's offset document (the small offsets index is refreshed first so a
+        document just written by any worker is seen); remembers their versions for the next write."""
+        from elasticsearch.helpers import scan
+
+        self.client.indices.refresh(index=self.offsets_index)
+        hits = scan(self.client, index=self.offsets_index, query={"query": {"match_all": {}},
+                                                                  "seq_no_primary_term": True})
+        self._offsets = {hit["_id"]: (hit["_source"]["offset"], _token(hit)) for hit in hits}
+        return {key: offset for key, (offset, _) in self._offsets.items()}
+
+    def _read_offsets(self, keys: Sequence[str]) -> dict[str, tuple[int, Token]]:
+        if not keys:
+            return {}
+        found = self.client.mget(index=self.offsets_index, ids=list(keys))["docs"]
+        return {hit["_id"]: (hit["_source"]["offset"], _token(hit)) for hit in found if hit.get("found")}
+
+    def _read(self, ids: Sequence[str], with_vectors: bool = False) -> dict[str, Stored]:
+        """Each id's version and state as stored now (realtime, no refresh needed), absent ones included."""
+        if not ids:
+            return {}
+        fields = ["position", "deleted", "content_hash", *(["vector"] if with_vectors else [])]
+        found = self.client.mget(index=self.alias, ids=list(ids), source_includes=fields)["docs"]
+        read = {doc_id: Stored(None, None) for doc_id in ids}
+        for hit in found:
+            if hit.get("found"):
+                source = hit["_source"]
+                state = StoredState(hit["_id"], tuple(json.loads(source["position"])), source["deleted"],
+                                    source.get("content_hash"))
+                read[hit["_id"]] = Stored(_token(hit), state, source.get("vector"))
+        return read
+
+    def _bulk(self, actions: list[dict], refresh: str | None = None) -> BulkResult:
+        """Send the actions (transport errors and 429s retried with backoff) and sort the items'
+        outcomes: written (with their new version), conflicted, refused for good, failed."""
+        from elasticsearch.helpers import streaming_bulk
+
+        result = BulkResult({}, [], {}, [])
+        options = {"refresh": refresh} if refresh else {}
+        for ok, item in streaming_bulk(self.client, actions, raise_on_error=False, raise_on_exception=True,
+                                       max_retries=5, initial_backoff=0.5, max_backoff=10, **options):
+            outcome = next(iter(item.values()))
+            status = outcome.get("status", 0)
+            if ok:
+                result.written[outcome["_id"]] = _token(outcome)
+            elif status == CONFLICT:
+                result.conflicted.append(outcome["_id"])
+            elif 400 <= status < 500 and status != 429:
+                result.refused[outcome["_id"]] = json.dumps(outcome.get("error"))[:1000]
+            else:
+                result.failures.append(outcome)
+        return result
 
     # -- read side -------------------------------------------------------------------------
 
@@ -303,12 +413,16 @@ class ElasticsearchIndex:
         return {doc_id: np.asarray(vector, dtype=np.float32) for doc_id, vector in self._stored_vectors(ids).items()}
 
     def sample_vectors(self, limit: int, seed: int = 0) -> dict[str, np.ndarray]:
-        body = {"size": limit, "_source": ["vector"],
-                "query": {"function_score": {"query": {"bool": {"filter": [LIVE]}},
-                                             "random_score": {"seed": seed, "field": "_seq_no"}}}}
-        hits = self.client.search(index=self.alias, **body)["hits"]["hits"]
-        return {hit["_id"]: np.asarray(hit["_source"]["vector"], dtype=np.float32)
-                for hit in hits if "vector" in hit["_source"]}
+        """Drawn here from every live id, as the embedded index draws. Not ``random_score``: over a
+        filter-only query it scores every document 0 (``boost_mode`` multiply), so each seed gave
+        the same first documents; and the emulator the tests run on ignores its seed."""
+        from elasticsearch.helpers import scan
+
+        query = {"query": {"bool": {"filter": [LIVE]}}, "_source": False}
+        ids = sorted(hit["_id"] for hit in scan(self.client, index=self.alias, query=query, size=5000))
+        if len(ids) > limit:
+            ids = [ids[i] for i in sorted(np.random.default_rng(seed).choice(len(ids), limit, replace=False))]
+        return self.vectors(ids)
 
     def search_text(self, query: str, k: int) -> list[Hit]:
         if not query.strip():
@@ -352,6 +466,27 @@ class ElasticsearchIndex:
     @staticmethod
     def _hits(response: dict) -> list[Hit]:
         return [Hit(hit["_id"], float(hit["_score"])) for hit in response["hits"]["hits"]]
+
+
+def _token(hit: Mapping) -> Token:
+    return hit["_seq_no"], hit["_primary_term"]
+
+
+def _position(change: Upsert | Deletion) -> tuple:
+    return change.document.position if isinstance(change, Upsert) else change.position
+
+
+def _vector(change: Upsert | Deletion, stored_vectors: Mapping[str, list[float]]) -> Sequence[float] | None:
+    """An upsert's own vector, else (title and text unchanged) the stored one; a tombstone has none."""
+    if isinstance(change, Deletion):
+        return None
+    return change.vector if change.vector is not None else stored_vectors.get(change.document.id)
+
+
+def _pending_state(change: Upsert | Deletion) -> StoredState:
+    if isinstance(change, Deletion):
+        return StoredState(change.id, change.position, True, None)
+    return StoredState(change.document.id, change.document.position, False, change.document.content_hash)
 
 
 def _document(source: dict) -> Document:

@@ -31,9 +31,12 @@ when it is ``online_settle_s`` old: counting an impression before its clicks cou
 bias the arm with the most recent traffic (a new challenger) downwards. Feedback after that
 still makes examples but no longer changes the online metrics.
 
-Examples go to the example store (deduplicated). When ``window_size`` new examples exist,
-or ``window_minutes`` passed with at least ``window_min`` of them, a window is closed and a
-training request is published to ``autoglm.training``.
+Examples go to the example store (deduplicated; feedback/store.py). When ``window_size`` new
+examples exist, or ``window_minutes`` passed with at least ``window_min`` of them, a window is
+closed and a training request is published to ``autoglm.training``. Both checks run in the
+agent, so only the worker that owns the join partition closes windows: with several learners
+in one consumer group, that one is the active learner and the others stand by (``holds_join``);
+Faust's rebalance hands the partition, with the join tables, to a standby when it dies.
 
 Anyone can produce to the input topics, so a record is validated at the edge (autoglm/
 interactions.py) and any failure in parsing or joining it dead-letters that record alone: the
@@ -72,6 +75,7 @@ ONLINE_IMPRESSIONS = Gauge("autoglm_online_impressions", "Impressions joined per
                            ["version", "arm"])
 
 _EXPIRY_SWEEP_S = 1.0
+_WINDOW_CHECK_S = 10.0
 
 
 class FeedbackProcessor:
@@ -87,14 +91,24 @@ class FeedbackProcessor:
         self.interactions = app.Table("interactions", default=None, partitions=1)
         self.arm_stats = app.Table("arm_stats", default=None, partitions=1)
         self._online: dict[tuple[str, str], ArmStats] = {}
-        self._last_sweep = 0.0
+        self._last_sweep = self._last_window_check = 0.0
         self._started_at = time.time()
+        self.holds_join = False  # this worker owns the join partition (the active learner)
         source = app.topic(topics.IMPRESSIONS, topics.FEEDBACK, topics.CLOCK,
                            key_serializer="raw", value_serializer="raw")
         self.clock = app.topic(topics.CLOCK, key_serializer="raw", value_serializer="raw")
         app.agent(source, name="feedback-join")(self._join)
         app.timer(_EXPIRY_SWEEP_S)(self._tick_when_idle)
-        app.timer(10.0)(self._close_window_on_time)
+        app.on_partitions_assigned.connect(self._on_assigned)
+
+    async def _on_assigned(self, _sender=None, assigned=(), **_kwargs) -> None:
+        self.holds_join = any(tp.topic == topics.FEEDBACK for tp in assigned)
+        if self.holds_join:
+            self._started_at = time.time()  # a window closed on time counts from the takeover at the earliest
+            try:
+                self.store.resume()  # the learner this one takes over from added examples meanwhile
+            except Exception:  # the store may be away: the counts catch up with the next window closed
+                log.exception("re-reading the example store on taking over the join failed")
 
     async def _join(self, stream) -> None:
         async for event in stream.events():
@@ -216,6 +230,12 @@ class FeedbackProcessor:
                 await self._expire_one(query_id, record, now)
             except Exception:  # never the agent: the next sweep tries again
                 log.exception("expiry of the join state of %r failed", query_id)
+        if now - self._last_window_check >= _WINDOW_CHECK_S:
+            self._last_window_check = now
+            try:
+                await self._close_window_on_time()
+            except Exception:  # the store may be away; the next check tries again
+                log.exception("closing a window on time failed")
 
     async def _expire_one(self, query_id: str, record, now: float) -> None:
         facts = expiry_facts(query_id, record)
@@ -262,8 +282,10 @@ class FeedbackProcessor:
                 del self.interactions[query_id]
 
     async def _tick_when_idle(self) -> None:
-        """Wake the agent when interactions wait to settle or expire and no event has come for a while."""
-        if time.time() - self._last_sweep > 2 * _EXPIRY_SWEEP_S and len(self.interactions):
+        """Wake the agent when interactions wait to settle or expire, or examples wait for a
+        window closed on time, and no event has come for a while."""
+        waiting = len(self.interactions) or (self.holds_join and self.store.pending())
+        if self.holds_join and time.time() - self._last_sweep > 2 * _EXPIRY_SWEEP_S and waiting:
             await self.clock.send(key=b"tick", value=b"")
 
     async def _close_window_on_time(self) -> None:

@@ -18,6 +18,7 @@ from autoglm.broker import EmbeddedBroker, free_port
 from autoglm.metrics import sample_value
 from autoglm.process import die_with_parent
 from autoglm.topics import ensure_topics
+from tests.es_server import elasticsearch_url
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,13 @@ def broker():
         yield running.address
 
 
+@pytest.fixture(scope="session")
+def es_url(tmp_path_factory):
+    """An Elasticsearch URL shared by the session: $AUTOGLM_ES_URL, else an emulator (tests/es_server.py)."""
+    with elasticsearch_url(tmp_path_factory.mktemp("elasticsearch")) as url:
+        yield url
+
+
 class WorkerProcess:
     """`autoglm worker` as a subprocess, with an HTTP client for its API."""
 
@@ -54,7 +62,7 @@ class WorkerProcess:
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.api, timeout=30)
-        command = [sys.executable, "-m", "autoglm.cli", "worker", "--broker", broker,
+        command = [sys.executable, "-m", "roles.cli", "worker", "--broker", broker,
                    "--data-dir", str(data_dir), "--api-port", str(self.port),
                    "--group-id", group_for(data_dir), *extra_args]
         self.log = open(log_path, "ab")

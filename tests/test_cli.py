@@ -17,7 +17,7 @@ from autoglm.debezium import change_event, producer
 from autoglm.topics import ensure_topics
 from tests.conftest import REPO, wait_until
 
-AUTOGLM = [sys.executable, "-m", "autoglm.cli"]
+AUTOGLM = [sys.executable, "-m", "roles.cli"]
 
 
 def descendants(pid: int) -> set[int]:

@@ -7,7 +7,7 @@ import pytest
 from autoglm.interactions import Feedback, Impression, ShownHit
 from feedback.examples import ExamplePolicy, build_example, is_positive
 from feedback.propensity import PositionBiasModel
-from feedback.store import ExampleStore
+from feedback.sqlite_store import SqliteExampleStore
 
 POLICY = ExamplePolicy()
 
@@ -59,7 +59,7 @@ def test_inverse_propensity_weights_prior_estimate_and_clip():
 
 
 def test_store_deduplicates_and_cuts_windows_with_a_session_cap(tmp_path):
-    store = ExampleStore(tmp_path / "examples.db")
+    store = SqliteExampleStore(tmp_path / "examples.db")
     bias = PositionBiasModel()
     bot = [build_example(impression(f"bot{i}", session="bot"), event("d2", 2, query_id=f"bot{i}", session="bot"), [], bias, POLICY)
            for i in range(30)]
@@ -75,5 +75,5 @@ def test_store_deduplicates_and_cuts_windows_with_a_session_cap(tmp_path):
     store.add([build_example(impression("new"), event("d1", 1, query_id="new"), [], bias, POLICY)])
     assert store.close_window("time", 0.1).window_id == 2
     store.close()
-    reopened = ExampleStore(tmp_path / "examples.db")
+    reopened = SqliteExampleStore(tmp_path / "examples.db")
     assert reopened.last_window().window_id == 2 and len(reopened.examples_in(1)) == 14

@@ -18,7 +18,7 @@ from autoglm.broker import EmbeddedBroker
 from autoglm.settings import Settings
 from autoglm.topics import DEAD_LETTERS, FEEDBACK, IMPRESSIONS, PLATFORM_TOPICS, TRAINING, ensure_topics
 from feedback.join import Interaction, JoinLimits
-from feedback.store import ExampleStore
+from feedback.sqlite_store import SqliteExampleStore
 from streams.feedback import FeedbackProcessor
 from tests.conftest import WorkerProcess, group_for, read_topic, wait_until
 
@@ -270,7 +270,7 @@ def test_the_expiry_sweep_neither_repeats_dead_letters_nor_keeps_what_it_cannot_
     """A send that failed half-way through the orphans made the next sweep send the earlier ones
     again; an interaction whose counting raised (arm counts another version wrote) stayed forever."""
     settings = Settings(feedback_max_wait_s=2, online_settle_s=5, impression_ttl_s=60)
-    processor = FeedbackProcessor(faust.App("expiry-test"), settings, ExampleStore(tmp_path / "examples.db"))
+    processor = FeedbackProcessor(faust.App("expiry-test"), settings, SqliteExampleStore(tmp_path / "examples.db"))
     letters = DeadLettersThatFailOnce(fail_at=2)
     processor.interactions, processor.arm_stats, processor.dead_letters = {}, {}, letters
 

@@ -1,28 +1,84 @@
-"""The Elasticsearch backend: the shared conformance suite against a real cluster when
-AUTOGLM_ES_URL is set (none can run on the development machines), and its request bodies,
-which need no server."""
+"""The Elasticsearch backend: the shared conformance suite against a server (the noida-db emulator,
+or the cluster at AUTOGLM_ES_URL; see tests/es_server.py), its start-up and refresh policies, and
+its request bodies."""
 
 from __future__ import annotations
 
-import json
-import os
+import threading
+import uuid
 
 import numpy as np
 import pytest
 
-from search.elasticsearch import (ElasticsearchIndex, bulk_actions, index_name_for, index_settings, knn_query,
-                                  position_version, rrf_query, text_query)
+from search.elasticsearch import (ElasticsearchIndex, document_source, index_name_for, index_settings, knn_query,
+                                  rrf_query, text_query, write_action)
 from search.protocol import Deletion, Upsert
 from tests.conformance import IndexConformance, doc, unit_vector
 
-ES_URL = os.environ.get("AUTOGLM_ES_URL")
+
+def fresh_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.mark.skipif(not ES_URL, reason="no Elasticsearch here: set AUTOGLM_ES_URL to run the conformance suite")
 class TestElasticsearchIndex(IndexConformance):
     @pytest.fixture
-    def open_index(self):
-        return lambda path: ElasticsearchIndex(ES_URL, index_name_for(path))
+    def open_index(self, es_url):
+        name = fresh_name("conformance")  # each test its own index; reopening a path opens the same one
+        return lambda path: ElasticsearchIndex(es_url, name)
+
+
+def test_processes_starting_at_once_share_one_documents_index(es_url):
+    """Workers of one deployment start together: all of them come up, on the same indices."""
+    name, opened, errors = fresh_name("startup"), [], []
+    start = threading.Barrier(6)
+
+    def open_one():
+        start.wait()
+        try:
+            opened.append(ElasticsearchIndex(es_url, name))
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == [] and len(opened) == 6
+        assert list(opened[0].client.indices.get_alias(name=name)) == [f"{name}-000001"]
+        opened[0].write_batch([Upsert(doc("public.items:1", "Shared index"), unit_vector(1))], [])
+        opened[0].commit({"t:0": 1})
+        assert opened[5].get("public.items:1").title == "Shared index"
+        assert opened[5].committed_offsets() == {"t:0": 1}
+    finally:
+        for index in opened:
+            index.close()
+
+
+def test_refresh_false_leaves_visibility_to_the_refresh_interval(es_url):
+    """With refresh "false" a commit does not refresh: the document is stored (a realtime get finds
+    it) but searches see it only after a refresh, here never scheduled (refresh_interval -1);
+    with "true" the commit's bulk request refreshes."""
+    lazy = ElasticsearchIndex(es_url, fresh_name("refresh"), refresh="false")
+    eager = ElasticsearchIndex(es_url, lazy.alias, refresh="true")
+    try:
+        lazy.client.indices.put_settings(index=lazy.alias, settings={"index": {"refresh_interval": "-1"}})
+        lazy.write_batch([Upsert(doc("public.items:1", "Unrefreshed walrus"), unit_vector(1))], [])
+        lazy.commit({"t:0": 1})
+        assert lazy.get("public.items:1").title == "Unrefreshed walrus"
+        assert lazy.search_text("walrus", 5) == [] and lazy.count() == 0
+        eager.write_batch([Upsert(doc("public.items:2", "Refreshed walrus"), unit_vector(2))], [])
+        eager.commit({"t:0": 2})
+        assert sorted(hit.id for hit in eager.search_text("walrus", 5)) == ["public.items:1", "public.items:2"]
+    finally:
+        lazy.close()
+        eager.close()
+
+
+def test_an_unknown_refresh_policy_is_refused():
+    with pytest.raises(ValueError, match="refresh"):
+        ElasticsearchIndex("http://127.0.0.1:9", "never-opened", refresh="sometimes")
 
 
 def test_mapping_is_english_bm25_and_384_d_cosine_hnsw():
@@ -35,28 +91,20 @@ def test_mapping_is_english_bm25_and_384_d_cosine_hnsw():
     assert index_settings()["mappings"]["dynamic"] == "strict"
 
 
-def test_writes_carry_the_source_position_as_an_external_version():
+def test_writes_compare_and_set_instead_of_carrying_versions():
+    """An id read before is written only if still at the version read; an absent one only if still
+    absent. No external version: one number cannot order positions of different kinds."""
     upsert = Upsert(doc("public.items:1", "Coral", "Reefs", position=42), unit_vector(1))
-    keep = Upsert(doc("public.items:2", "Same text", position=43), None)
-    deletion = Deletion("public.items:3", "public.items", ("lsn", 44))
-    actions = bulk_actions("docs", [upsert, keep], [deletion], {"public.items:2": [0.5] * 384}, now_ms=7)
-    assert [(a["_id"], a["version"], a["version_type"]) for a in actions] == [
-        ("public.items:1", 42, "external_gte"), ("public.items:2", 43, "external_gte"),
-        ("public.items:3", 44, "external_gte")]
-    first, kept, tombstone = (a["_source"] for a in actions)
-    assert np.allclose(first["vector"], unit_vector(1)) and json.loads(first["position"]) == ["lsn", 42]
-    assert kept["vector"] == [0.5] * 384  # an unchanged text keeps its stored vector
-    assert tombstone["deleted"] is True and "vector" not in tombstone  # deletes stay as tombstones
-
-
-def test_positions_become_ordered_versions():
-    assert position_version(("lsn", 5)) < position_version(("lsn", 6))
-    binlog = [("binlog", "mysql-bin.000003", 900, 2), ("binlog", "mysql-bin.000003", 1200, 0),
-              ("binlog", "mysql-bin.000004", 4, 0)]
-    assert [position_version(p) for p in binlog] == sorted(position_version(p) for p in binlog)
-    assert position_version(("binlog", "mysql-bin.000003", 900, 1)) < position_version(binlog[0])
-    with pytest.raises(ValueError):
-        position_version(("scn", 1))
+    seen = write_action("docs", "public.items:1", document_source(upsert, upsert.vector, 7), (12, 3))
+    absent = write_action("docs", "public.items:9", document_source(upsert, None, 7), None)
+    assert (seen["_op_type"], seen["if_seq_no"], seen["if_primary_term"]) == ("index", 12, 3)
+    assert absent["_op_type"] == "create" and "if_seq_no" not in absent
+    assert not {"version", "version_type"} & (set(seen) | set(absent))
+    assert np.allclose(seen["_source"]["vector"], unit_vector(1)) and seen["_source"]["position"] == '["lsn", 42]'
+    assert "vector" not in absent["_source"]
+    tombstone = document_source(Deletion("public.items:3", "public.items", ("ts_ms", 1_700_000_000_000, 5)), None, 7)
+    assert tombstone["deleted"] is True and "vector" not in tombstone  # deletes stay, with their position
+    assert tombstone["position"] == '["ts_ms", 1700000000000, 5]'
 
 
 def test_queries_search_plain_text_and_skip_tombstones():

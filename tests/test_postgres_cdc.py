@@ -31,7 +31,7 @@ class CdcProcess:
     def __init__(self, postgres: PostgresCluster, broker: str, data_dir, log_path):
         self.log_path = log_path
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "autoglm.cli", "cdc", "postgres", "--dsn", postgres.dsn, "--tables", "public.notes",
+            [sys.executable, "-m", "roles.cli", "cdc", "postgres", "--dsn", postgres.dsn, "--tables", "public.notes",
              "--topic-prefix", "cdc.pg", "--broker", broker, "--data-dir", str(data_dir), "--slot", "autoglm_test"],
             stdout=open(log_path, "a"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 

@@ -127,7 +127,7 @@ def serves(worker: WorkerProcess, version: str, timeout: float, session: str | N
 
 
 def cli(*arguments: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "autoglm.cli", *arguments], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "roles.cli", *arguments], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout

@@ -9,7 +9,7 @@ import pytest
 from consumers.finetune import TrainConfig
 from consumers.gate import GateConfig
 from consumers.trainer import GateSet, Trainer, TrainerConfig
-from feedback.store import ExampleStore
+from feedback.sqlite_store import SqliteExampleStore
 from registry.models import CHALLENGER, CHAMPION, ModelRegistry
 from tests.scifact_problem import SCIFACT, problem  # noqa: F401 (fixture)
 
@@ -20,7 +20,7 @@ TRAIN = TrainConfig(lr=2e-5, epochs=2, seed=3)
 
 @pytest.fixture
 def setup(problem, tmp_path):
-    store = ExampleStore(tmp_path / "examples.db")
+    store = SqliteExampleStore(tmp_path / "examples.db")
     store.add(problem.window)
     store.close_window("size", max_session_share=1.0)
     registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "artifacts")
@@ -79,6 +79,25 @@ def test_the_replay_buffer_survives_across_windows_and_restarts(problem, setup):
     assert "extras/replay.json" in artifacts  # the reservoir is versioned with the run
 
 
+def test_a_learner_taking_over_continues_the_reservoir_its_predecessor_logged(problem, setup, tmp_path):
+    """Two learners share store and registry but not disks: the one that takes over starts with
+    no reservoir file, and continues from the one logged with the newest run."""
+    store, registry, gate, reservoir = setup
+    trainer(problem, setup, epsilon=1.0).train([1])
+    seen_by_first = json.loads(reservoir.read_text())["seen"]
+    store.add(problem.replay)
+    store.close_window("size", max_session_share=1.0)
+    standby = Trainer(problem.index, store, registry, tmp_path / "standby" / "replay.json", gate,
+                      TrainerConfig(train=TRAIN, gate=GateConfig(epsilon=1.0)))
+    assert standby.replay.seen == 0
+    second = standby.train([2])
+    # Without the predecessor's reservoir it could have seen at most window 2's examples.
+    assert standby.replay.seen > max(seen_by_first, len(problem.replay))
+    held_out = int(registry.client.get_run(second.run_id).data.params["lineage.examples_held_out"])
+    new_fitted = int(registry.client.get_run(second.run_id).data.params["lineage.examples"]) - held_out
+    assert standby.replay.seen <= seen_by_first + new_fitted
+
+
 def test_a_rejected_window_is_trained_again_with_the_next_one(problem, setup):
     store, registry, _, _ = setup
     rejected = trainer(problem, setup, epsilon=-1.0, noise_z=0.0).train([1])
@@ -99,3 +118,13 @@ def test_a_rejected_window_is_trained_again_with_the_next_one(problem, setup):
     lineage = registry.client.get_run(third.run_id).data.tags
     assert lineage["lineage.windows"] == "3" and lineage["lineage.carried_windows"] == ""
     assert lineage["lineage.parent_version"] == second.version
+
+
+def test_a_request_already_trained_and_judged_is_not_trained_again(problem, setup):
+    """A learner that takes over a request its predecessor decided (but died before committing)."""
+    _, registry, _, _ = setup
+    first = trainer(problem, setup, epsilon=0.005).train([1])
+    assert first.passed
+    again = trainer(problem, setup, epsilon=0.005).train([1])
+    assert again is None
+    assert [v["version"] for v in registry.versions()] == ["1"]

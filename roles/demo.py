@@ -72,7 +72,7 @@ class UpProcess:
     """`autoglm up` as a child process, with the addresses it prints."""
 
     def __init__(self, args: list[str]):
-        self.process = subprocess.Popen([sys.executable, "-m", "autoglm.cli", "up", *args],
+        self.process = subprocess.Popen([sys.executable, "-m", "roles.cli", "up", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

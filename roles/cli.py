@@ -1,8 +1,10 @@
-"""The ``autoglm`` command line: broker, up, search (and the worker process that ``up`` runs)."""
+"""The ``autoglm`` command line: the process roles (worker, ingest, serve, learn), ``up``, and the
+client commands (search, models, promote, ...). Every role option is declared once, in a table below."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -14,103 +16,207 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from autoglm.settings import DEMO_LEARNING_RATE, DEMO_TRAIN_SECONDS, ApiLimits, Settings
 
 DEFAULT_API = "http://127.0.0.1:8000"
-# The search API's limits (search/limits.py): option -> (ApiLimits field, help).
-API_LIMIT_OPTIONS = {
-    "--api-max-body": ("max_body_bytes", "largest request body in bytes; 413 beyond"),
-    "--api-max-webhook-body": ("max_webhook_body_bytes",
-                               "largest /hooks/mlflow body in bytes, refused before its signature is checked"),
-    "--api-max-feedback-items": ("max_feedback_items", "most events in one POST /feedback; 413 beyond"),
-    "--api-max-query-chars": ("max_query_chars", "longest /search q in characters; 422 beyond"),
-    "--api-header-timeout": ("header_timeout_s", "seconds a client has to send its request headers; 408 after"),
-    "--api-body-timeout": ("body_timeout_s", "seconds a client has to send its request body; 408 after"),
-    "--api-max-concurrency": ("max_concurrent_requests",
-                              "requests in flight beyond which the API answers 503 with Retry-After"),
-}
 
 
-def _dest(option: str) -> str:
-    return option.removeprefix("--").replace("-", "_")
+@dataclass(frozen=True)
+class Option:
+    """One option of the process roles, declared once: its flags, the Settings field it sets
+    (or None), how the parsed value becomes that field's value, and argparse's keywords."""
+
+    flags: tuple[str, ...]
+    field: str | None
+    kwargs: dict
+    convert: Callable[[Any], Any] = lambda value: value
+
+    @property
+    def dest(self) -> str:
+        return self.flags[0].removeprefix("--").replace("-", "_")
 
 
-def _settings(args: argparse.Namespace, broker: str) -> Settings:
-    return Settings(broker=broker, group_id=args.group_id, data_dir=Path(args.data_dir),
-                    api_port=args.api_port, window_size=args.window_size, window_minutes=args.window_minutes,
-                    window_min=args.window_min,
-                    feedback_max_wait_s=args.feedback_max_wait, mlflow_uri=args.mlflow_uri,
-                    feedback_retention_s=args.feedback_retention,
-                    gate_dataset=Path(args.gate_dataset) if args.gate_dataset else None,
-                    promote_champion=args.promote_champion, query_runtime=args.query_runtime,
-                    challenger_share=args.challenger_share, learning_rate=args.learning_rate,
-                    train_max_seconds=args.train_seconds, propensities=args.propensities,
-                    alias_poll_s=args.alias_poll,
-                    webhooks=not args.no_webhooks, online_settle_s=args.online_settle,
-                    auto_rollback=not args.no_auto_rollback, champion_watch=args.champion_watch,
-                    index_backend=args.index, es_url=args.es_url, es_index=args.es_index,
-                    cdc_topics=args.cdc_topics, dead_letter_max_bytes=args.dead_letter_max_bytes,
-                    api_limits=ApiLimits(**{field: getattr(args, _dest(option))
-                                            for option, (field, _) in API_LIMIT_OPTIONS.items()}),
-                    mapping_file=Path(args.mapping) if args.mapping else None)
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
-def _add_worker_options(parser: argparse.ArgumentParser) -> None:
-    defaults = Settings()
-    parser.add_argument("--data-dir", default=str(defaults.data_dir), help="index and state directory")
-    parser.add_argument("--api-port", type=int, default=defaults.api_port)
-    for option, (field, description) in API_LIMIT_OPTIONS.items():
-        default = getattr(defaults.api_limits, field)
-        parser.add_argument(option, type=type(default), default=default, help=f"{description} (default %(default)s)")
-    parser.add_argument("--cdc-topics", default=defaults.cdc_topics,
-                        help="regular expression of the Debezium topics to index (default %(default)s)")
-    parser.add_argument("--mapping", help="TOML file mapping table rows to documents")
-    parser.add_argument("--dead-letter-max-bytes", type=int, default=defaults.dead_letter_max_bytes,
-                        help="a larger dead letter is sent as a reference to its record (default %(default)s)")
-    parser.add_argument("--window-size", type=int, default=defaults.window_size,
-                        help="train when this many new examples exist (default %(default)s)")
-    parser.add_argument("--window-minutes", type=float, default=defaults.window_minutes,
-                        help="... or after this many minutes with a minimum of examples (default %(default)s)")
-    parser.add_argument("--window-min", type=int, default=defaults.window_min,
-                        help="... the minimum of examples for a window closed on time (default %(default)s)")
-    parser.add_argument("--feedback-max-wait", type=float, default=defaults.feedback_max_wait_s,
-                        help="seconds feedback waits for its impression (default %(default)s)")
-    parser.add_argument("--feedback-retention", type=float, default=defaults.feedback_retention_s,
-                        help="seconds after its ts that feedback is still accepted (default %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                        help="AdamW learning rate of each window's fine-tuning (default %(default)s)")
-    parser.add_argument("--train-seconds", type=float, default=defaults.train_max_seconds,
-                        help="time limit of one fine-tuning run (default %(default)s)")
-    parser.add_argument("--propensities", choices=("prior", "log"), default=defaults.propensities,
-                        help="click propensities per rank: the prior 1/rank^0.8, or estimated from the "
-                             "click log, which confounds them with relevance (default %(default)s)")
-    parser.add_argument("--gate-dataset", help="BEIR folder whose train dev split gates every candidate model")
-    parser.add_argument("--promote-champion", action="store_true",
-                        help="let the trainer move the champion alias itself (demo; normally a person does)")
-    parser.add_argument("--query-runtime", choices=("onnx", "torch"), default=defaults.query_runtime,
-                        help="runtime that encodes queries while serving (default %(default)s)")
-    parser.add_argument("--challenger-share", type=float, default=defaults.challenger_share,
-                        help="share of sessions the challenger version answers (default %(default)s)")
-    parser.add_argument("--alias-poll", type=float, default=defaults.alias_poll_s,
-                        help="seconds between reads of the MLflow aliases (default %(default)s)")
-    parser.add_argument("--no-webhooks", action="store_true",
-                        help="follow the aliases by polling only (no MLflow webhook)")
-    parser.add_argument("--online-settle", type=float, default=defaults.online_settle_s,
-                        help="seconds after which a search counts in the online metrics (default %(default)s)")
-    parser.add_argument("--no-auto-rollback", action="store_true",
-                        help="never move an alias automatically (the online metrics are still kept)")
-    parser.add_argument("--champion-watch", type=int, default=defaults.champion_watch,
-                        help="impressions of a newly promoted champion during which it goes back to its "
-                             "predecessor if users like it less (0: no watch; default %(default)s)")
-    parser.add_argument("--index", choices=("embedded", "elasticsearch"), default=defaults.index_backend,
-                        help="index backend (default %(default)s)")
-    parser.add_argument("--es-url", default=os.environ.get("AUTOGLM_ES_URL"),
-                        help="Elasticsearch URL for --index elasticsearch (default $AUTOGLM_ES_URL)")
-    parser.add_argument("--es-index", default=defaults.es_index, help="Elasticsearch index alias")
-    parser.add_argument("--group-id", default=defaults.group_id,
-                        help="consumer group of the ingest workers (one per index; default %(default)s)")
+def _negated(value: bool) -> bool:
+    return not value
+
+
+_D = Settings()
+_L = _D.api_limits
+
+# Options every role takes: where the broker, the index, MLflow and the state are.
+COMMON = (
+    Option(("--data-dir",), "data_dir", dict(default=str(_D.data_dir), help="state directory (default %(default)s)"),
+           Path),
+    Option(("--index",), "index_backend", dict(choices=("embedded", "elasticsearch"), default=_D.index_backend,
+                                                help="index backend (default %(default)s)")),
+    Option(("--es-url",), "es_url", dict(default=os.environ.get("AUTOGLM_ES_URL"),
+                                         help="Elasticsearch URL for --index elasticsearch (default $AUTOGLM_ES_URL)")),
+    Option(("--es-index",), "es_index", dict(default=_D.es_index, help="Elasticsearch index alias")),
+    Option(("--es-refresh",), "es_refresh", dict(choices=("wait_for", "true", "false"), default=_D.es_refresh,
+                                                 help="per commit: wait_for (searchable when it returns), true, "
+                                                      "or false (the index's refresh_interval decides; "
+                                                      "default %(default)s)")),
+    Option(("--group-id",), "group_id", dict(default=_D.group_id,
+                                             help="consumer group of the ingest workers (one per index; "
+                                                  "default %(default)s)")),
+    Option(("--learn-group-id",), "learn_group_id", dict(default=_D.learn_group_id,
+                                                         help="consumer group of the learners (default %(default)s)")),
+    Option(("--dead-letter-max-bytes",), "dead_letter_max_bytes",
+           dict(type=int, default=_D.dead_letter_max_bytes,
+                help="a larger dead letter is sent as a reference to its record (default %(default)s)")),
+    Option(("--feedback-retention",), "feedback_retention_s",
+           dict(type=float, default=_D.feedback_retention_s,
+                help="seconds after its ts that feedback is still accepted (default %(default)s)")),
+    Option(("--query-runtime",), "query_runtime", dict(choices=("onnx", "torch"), default=_D.query_runtime,
+                                                       help="runtime that encodes queries while serving "
+                                                            "(default %(default)s)")),
+    Option(("--challenger-share",), "challenger_share",
+           dict(type=float, default=_D.challenger_share,
+                help="share of sessions the challenger version answers (default %(default)s)")),
+    Option(("--alias-poll",), "alias_poll_s", dict(type=float, default=_D.alias_poll_s,
+                                                   help="seconds between reads of the MLflow aliases "
+                                                        "(default %(default)s)")),
+)
+# Where a role's HTTP server listens (the search API, or /healthz and /metrics), and its limits.
+HTTP = (
+    Option(("--host",), "api_host", dict(default=_D.api_host,
+                                          help="address to listen on; 0.0.0.0 in a container (default %(default)s)")),
+    Option(("--port", "--api-port"), "api_port", dict(type=int, default=_D.api_port,
+                                                      help="port to listen on (default %(default)s)")),
+    Option(("--advertise-url",), "advertise_url",
+           dict(help="URL others (MLflow's webhooks) reach this process at (default http://HOST:PORT, "
+                     "this machine's hostname for 0.0.0.0)")),
+    Option(("--api-max-body",), None, dict(type=int, default=_L.max_body_bytes,
+                                           help="largest request body in bytes; 413 beyond (default %(default)s)")),
+    Option(("--api-max-webhook-body",), None,
+           dict(type=int, default=_L.max_webhook_body_bytes,
+                help="largest /hooks/mlflow body in bytes, refused before its signature is checked "
+                     "(default %(default)s)")),
+    Option(("--api-max-feedback-items",), None, dict(type=int, default=_L.max_feedback_items,
+                                                     help="most events in one POST /feedback; 413 beyond "
+                                                          "(default %(default)s)")),
+    Option(("--api-max-query-chars",), None, dict(type=int, default=_L.max_query_chars,
+                                                  help="longest /search q in characters; 422 beyond "
+                                                       "(default %(default)s)")),
+    Option(("--api-header-timeout",), None, dict(type=float, default=_L.header_timeout_s,
+                                                 help="seconds a client has to send its request headers; 408 after "
+                                                      "(default %(default)s)")),
+    Option(("--api-body-timeout",), None, dict(type=float, default=_L.body_timeout_s,
+                                               help="seconds a client has to send its request body; 408 after "
+                                                    "(default %(default)s)")),
+    Option(("--api-max-concurrency",), None,
+           dict(type=int, default=_L.max_concurrent_requests,
+                help="requests in flight beyond which the API answers 503 with Retry-After (default %(default)s)")),
+)
+# The search API's limits (search/limits.py): option -> ApiLimits field.
+API_LIMIT_FIELDS = {"api_max_body": "max_body_bytes", "api_max_webhook_body": "max_webhook_body_bytes",
+                    "api_max_feedback_items": "max_feedback_items", "api_max_query_chars": "max_query_chars",
+                    "api_header_timeout": "header_timeout_s", "api_body_timeout": "body_timeout_s",
+                    "api_max_concurrency": "max_concurrent_requests"}
+INGEST = (
+    Option(("--cdc-topics",), "cdc_topics", dict(default=_D.cdc_topics,
+                                                 help="regular expression of the Debezium topics to index "
+                                                      "(default %(default)s)")),
+    Option(("--mapping",), "mapping_file", dict(help="TOML file mapping table rows to documents"), _path),
+)
+SERVE = (
+    Option(("--no-webhooks",), "webhooks", dict(action="store_true",
+                                                help="follow the aliases by polling only (no MLflow webhook)"),
+           _negated),
+)
+LEARN = (
+    Option(("--window-size",), "window_size", dict(type=int, default=_D.window_size,
+                                                   help="train when this many new examples exist "
+                                                        "(default %(default)s)")),
+    Option(("--window-minutes",), "window_minutes",
+           dict(type=float, default=_D.window_minutes,
+                help="... or after this many minutes with a minimum of examples (default %(default)s)")),
+    Option(("--window-min",), "window_min", dict(type=int, default=_D.window_min,
+                                                 help="... the minimum of examples for a window closed on time "
+                                                      "(default %(default)s)")),
+    Option(("--feedback-max-wait",), "feedback_max_wait_s",
+           dict(type=float, default=_D.feedback_max_wait_s,
+                help="seconds feedback waits for its impression (default %(default)s)")),
+    Option(("--learning-rate",), "learning_rate",
+           dict(type=float, default=_D.learning_rate,
+                help="AdamW learning rate of each window's fine-tuning (default %(default)s)")),
+    Option(("--train-seconds",), "train_max_seconds", dict(type=float, default=_D.train_max_seconds,
+                                                           help="time limit of one fine-tuning run "
+                                                                "(default %(default)s)")),
+    Option(("--propensities",), "propensities",
+           dict(choices=("prior", "log"), default=_D.propensities,
+                help="click propensities per rank: the prior 1/rank^0.8, or estimated from the click log, "
+                     "which confounds them with relevance (default %(default)s)")),
+    Option(("--gate-dataset",), "gate_dataset",
+           dict(help="BEIR folder whose train dev split gates every candidate model"), _path),
+    Option(("--promote-champion",), "promote_champion",
+           dict(action="store_true", help="let the trainer move the champion alias itself (demo; normally a "
+                                          "person does)")),
+    Option(("--online-settle",), "online_settle_s",
+           dict(type=float, default=_D.online_settle_s,
+                help="seconds after which a search counts in the online metrics (default %(default)s)")),
+    Option(("--no-auto-rollback",), "auto_rollback",
+           dict(action="store_true", help="never move an alias automatically (the online metrics are still kept)"),
+           _negated),
+    Option(("--champion-watch",), "champion_watch",
+           dict(type=int, default=_D.champion_watch,
+                help="impressions of a newly promoted champion during which it goes back to its predecessor "
+                     "if users like it less (0: no watch; default %(default)s)")),
+)
+ROLE_OPTIONS = {"worker": COMMON + HTTP + INGEST + SERVE + LEARN, "ingest": COMMON + HTTP + INGEST,
+                "serve": COMMON + HTTP + SERVE, "learn": COMMON + HTTP + LEARN}
+
+
+def _add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
+    for option in options:
+        parser.add_argument(*option.flags, dest=option.dest, **option.kwargs)
+
+
+def _settings(args: argparse.Namespace, options: tuple[Option, ...]) -> Settings:
+    values = {option.field: option.convert(getattr(args, option.dest)) for option in options if option.field}
+    limits = ApiLimits(**{field: getattr(args, dest) for dest, field in API_LIMIT_FIELDS.items()})
+    return Settings(broker=args.broker, mlflow_uri=args.mlflow_uri, api_limits=limits, **values)
+
+
+def _forwarded(args: argparse.Namespace, options: tuple[Option, ...]) -> list[str]:
+    """The command-line arguments that give another process these options' values."""
+    argv = []
+    for option in options:
+        value = getattr(args, option.dest)
+        if option.kwargs.get("action") == "store_true":
+            argv += [option.flags[0]] if value else []
+        elif value is not None:
+            argv += [option.flags[0], str(value)]
+    return argv
+
+
+def _run_role(run: Callable[[Settings], None], role: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        from roles.parts import DataDirInUse
+
+        try:
+            run(_settings(args, ROLE_OPTIONS[role]))
+        except (DataDirInUse, ValueError) as exc:
+            print(f"autoglm {role}: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    return command
+
+
+def _role_runner(role: str) -> Callable[[Settings], None]:
+    """The role's composition root, imported only when that role runs."""
+    def run(settings: Settings) -> None:
+        module = importlib.import_module(f"roles.{role}")
+        getattr(module, f"run_{role}")(settings)
+    return run
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -124,23 +230,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return broker.wait()
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from autoglm.worker import DataDirInUse, run_worker
-
-    try:
-        run_worker(_settings(args, args.broker))
-    except DataDirInUse as exc:
-        print(f"autoglm: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the broker (unless --broker), then the worker; print the API address once healthy."""
     from autoglm.broker import EmbeddedBroker
     from autoglm.process import die_with_parent
     from autoglm.topics import PLATFORM_TOPICS, ensure_topics
-    from autoglm.worker import DataDirInUse, lock_data_dir
+    from roles.parts import DataDirInUse, lock_data_dir
 
     try:
         lock_data_dir(Settings(data_dir=Path(args.data_dir))).close()
@@ -165,26 +260,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         mlflow_uri = mlflow.url
         print(f"mlflow: {mlflow_uri}", flush=True)
 
-    command = [sys.executable, "-m", "autoglm.cli", "worker", "--broker", address,
-               "--data-dir", args.data_dir, "--api-port", str(args.api_port),
-               "--cdc-topics", args.cdc_topics, "--group-id", args.group_id,
-               "--dead-letter-max-bytes", str(args.dead_letter_max_bytes),
-               "--window-size", str(args.window_size), "--window-minutes", str(args.window_minutes),
-               "--window-min", str(args.window_min),
-               "--feedback-max-wait", str(args.feedback_max_wait), "--mlflow-uri", mlflow_uri,
-               "--feedback-retention", str(args.feedback_retention)]
-    command += ["--query-runtime", args.query_runtime, "--challenger-share", str(args.challenger_share),
-                "--alias-poll", str(args.alias_poll), "--online-settle", str(args.online_settle),
-                "--champion-watch", str(args.champion_watch),
-                "--index", args.index, "--es-index", args.es_index, "--learning-rate", str(args.learning_rate),
-                "--train-seconds", str(args.train_seconds), "--propensities", args.propensities]
-    command += [arg for option in API_LIMIT_OPTIONS for arg in (option, str(getattr(args, _dest(option))))]
-    command += ["--es-url", args.es_url] if args.es_url else []
-    command += ["--no-webhooks"] if args.no_webhooks else []
-    command += ["--no-auto-rollback"] if args.no_auto_rollback else []
-    command += ["--gate-dataset", args.gate_dataset] if args.gate_dataset else []
-    command += ["--promote-champion"] if args.promote_champion else []
-    command += ["--mapping", args.mapping] if args.mapping else []
+    command = [sys.executable, "-m", "roles.cli", "worker", "--broker", address, "--mlflow-uri", mlflow_uri,
+               *_forwarded(args, ROLE_OPTIONS["worker"])]
     worker = subprocess.Popen(command, preexec_fn=die_with_parent)
     stopping = threading.Event()
 
@@ -207,7 +284,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             broker.stop()
 
     _stop_on_signals(stop)
-    api = f"http://127.0.0.1:{args.api_port}"
+    api = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     deadline = time.monotonic() + args.ready_timeout
     while worker.poll() is None and not stopping.is_set():
         if _healthy(api):
@@ -363,7 +440,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from autoglm.demo import run_demo
+    from roles.demo import run_demo
 
     run_demo(Path(args.dataset), Path(args.data_dir), rounds=args.rounds, window=args.window_size,
              learning_rate=args.learning_rate, train_seconds=args.train_seconds, docs=args.docs, out=Path(args.out))
@@ -394,19 +471,25 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, help="default: a free port")
     broker.set_defaults(func=cmd_broker)
 
-    up = sub.add_parser("up", help="run the ingest worker and search API (and the embedded broker)")
+    up = sub.add_parser("up", help="run the three roles in one worker process on the embedded default "
+                                   "(and the embedded broker and an MLflow server)")
     up.add_argument("--broker", help="HOST:PORT of a Kafka cluster; default: start the embedded broker")
+    up.add_argument("--mlflow-uri", help="MLflow tracking URI; default: start a local `mlflow server`")
     up.add_argument("--ready-timeout", type=float, default=180.0)
-    _add_worker_options(up)
+    _add_options(up, ROLE_OPTIONS["worker"])
     up.set_defaults(func=cmd_up)
 
-    up.add_argument("--mlflow-uri", help="MLflow tracking URI; default: start a local `mlflow server`")
-
-    worker = sub.add_parser("worker", help="one worker process (what `up` runs)")
-    worker.add_argument("--broker", required=True)
-    worker.add_argument("--mlflow-uri", help="MLflow tracking URI; without it the trainer is off")
-    _add_worker_options(worker)
-    worker.set_defaults(func=cmd_worker)
+    role_help = {"worker": "ingest, search and learning in one process (what `up` runs)",
+             "ingest": "the CDC stream processors; replicas share the CDC topics' partitions",
+             "serve": "the search, feedback and webhook API; stateless, run any number behind a load balancer",
+             "learn": "join, windows, training, gate, registry, online metrics, rollback; one active, "
+                      "the others stand by"}
+    for role, description in role_help.items():
+        command = sub.add_parser(role, help=description, description=description)
+        command.add_argument("--broker", required=True, help="HOST:PORT of the Kafka cluster")
+        command.add_argument("--mlflow-uri", help="MLflow tracking URI; without it there is no model registry")
+        _add_options(command, ROLE_OPTIONS[role])
+        command.set_defaults(func=_run_role(_role_runner(role), role))
 
     search = sub.add_parser("search", help="query the search API")
     search.add_argument("text")
@@ -432,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reindex = sub.add_parser("reindex", help="rebuild the Elasticsearch index and swap its alias")
     reindex.add_argument("--es-url", default=os.environ.get("AUTOGLM_ES_URL"))
-    reindex.add_argument("--es-index", default=Settings().es_index)
+    reindex.add_argument("--es-index", default=_D.es_index)
     reindex.set_defaults(func=cmd_reindex)
 
     cdc = sub.add_parser("cdc", help="run a change-data-capture source")
