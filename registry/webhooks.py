@@ -16,8 +16,9 @@ import os
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from mlflow import MlflowClient
 
@@ -26,6 +27,22 @@ SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
 DELIVERY_ID_HEADER = "X-MLflow-Delivery-Id"
 MAX_SKEW_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class AliasHook:
+    """The receiver the API's /hooks/mlflow hands deliveries to: checks each with the secret MLflow
+    signs with, and on an authentic one calls ``on_alias_moved`` (the follower's wake)."""
+
+    secret: str
+    on_alias_moved: Callable[[], None]
+    headers: tuple[str, ...] = (SIGNATURE_HEADER, DELIVERY_ID_HEADER, TIMESTAMP_HEADER)
+
+    def receive(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        reason = rejection(self.secret, headers, body)
+        if reason is None:
+            self.on_alias_moved()
+        return reason
 
 
 def webhook_secret(path: Path) -> str:

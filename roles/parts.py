@@ -134,7 +134,6 @@ def register_alias_hook(settings: Settings, follower):
     its own, when an alias moves; returns (hook, webhook id), or (None, None) when webhooks are
     off or the server refuses (polling still follows)."""
     from registry import webhooks
-    from search.api import AliasHook
 
     if not (settings.webhooks and follower):
         return None, None
@@ -146,7 +145,7 @@ def register_alias_hook(settings: Settings, follower):
         log.warning("could not register the MLflow webhook (%s); following aliases by polling every %.0f s",
                     exc, settings.alias_poll_s)
         return None, None
-    return AliasHook(secret, follower.wake), webhook_id
+    return webhooks.AliasHook(secret, follower.wake), webhook_id
 
 
 def unregister_alias_hook(settings: Settings, webhook_id: str | None) -> None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping, Protocol
 
 from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -27,7 +26,6 @@ from autoglm.interactions import (FEEDBACK_RETENTION_S, MAX_DWELL_S, MAX_ID_CHAR
                                   parse_feedback)
 from autoglm.publisher import EventPublisher
 from autoglm.settings import ApiLimits
-from registry import webhooks
 from search.limits import ApiLimitsMiddleware
 from search.query import SearchService, snippet
 
@@ -42,12 +40,13 @@ UNLOGGED_IMPRESSIONS = Counter("autoglm_impressions_unlogged", "Search answers s
                                "because the impression schema refused them")
 
 
-@dataclass(frozen=True)
-class AliasHook:
-    """Where verified alias webhooks go: the secret MLflow signs with, and what to call."""
+class WebhookReceiver(Protocol):
+    """Where /hooks/mlflow deliveries go (registry/webhooks.py's AliasHook): it checks them and acts."""
 
-    secret: str
-    on_alias_moved: Callable[[], None]
+    headers: tuple[str, ...]  # the headers a delivery must carry (documented in the OpenAPI schema)
+
+    def receive(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        """Act on an authentic delivery and return None, or return why it is refused."""
 
 
 class ErrorReply(BaseModel):
@@ -90,7 +89,7 @@ def feedback_body_schema(max_items: int) -> dict:
 
 
 def create_app(service: SearchService, health: HealthProbe, publisher: EventPublisher,
-               alias_hook: AliasHook | None = None, models_overview: Callable[[], dict] | None = None,
+               alias_hook: WebhookReceiver | None = None, models_overview: Callable[[], dict] | None = None,
                limits: ApiLimits = ApiLimits(), feedback_retention_s: float = FEEDBACK_RETENTION_S) -> FastAPI:
     app = FastAPI(title="Open-AutoGLM search", version="0.1.0", responses=LIMIT_REPLIES)
     app.add_middleware(ApiLimitsMiddleware, limits=limits)
@@ -186,18 +185,16 @@ def create_app(service: SearchService, health: HealthProbe, publisher: EventPubl
     @app.post("/hooks/mlflow", responses={401: error("the delivery's signature or timestamp is wrong"),
                                           404: error("no MLflow webhook is configured")},
               openapi_extra={"parameters": [{"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
-                                            for name in (webhooks.SIGNATURE_HEADER, webhooks.DELIVERY_ID_HEADER,
-                                                         webhooks.TIMESTAMP_HEADER)],
+                                            for name in (alias_hook.headers if alias_hook else ())],
                              "requestBody": {"required": True, "content": {"application/json": {"schema": {
                                  "type": "object", "description": "MLflow's webhook payload, as signed"}}}}})
     async def mlflow_webhook(request: Request) -> JSONResponse:
         """An alias moved in MLflow: verify the signature, then let serving sync at once."""
         if alias_hook is None:
             return JSONResponse(status_code=404, content={"error": "no MLflow webhook is configured"})
-        reason = webhooks.rejection(alias_hook.secret, request.headers, await request.body())
+        reason = alias_hook.receive(request.headers, await request.body())
         if reason:
             return JSONResponse(status_code=401, content={"error": f"webhook refused: {reason}"})
-        alias_hook.on_alias_moved()
         return JSONResponse(status_code=200, content={"status": "syncing"})
 
     add_health_routes(app, health)

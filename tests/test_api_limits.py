@@ -24,7 +24,8 @@ from autoglm.encoder import Encoder
 from autoglm.publisher import EventPublisher
 from autoglm.settings import ApiLimits
 from registry import webhooks
-from search.api import AliasHook, create_app
+from registry.webhooks import AliasHook
+from search.api import create_app
 from search.embedded import EmbeddedIndex
 from search.limits import client_limits_protocol
 from search.protocol import Document, Upsert

@@ -272,7 +272,8 @@ def test_the_expiry_sweep_neither_repeats_dead_letters_nor_keeps_what_it_cannot_
     settings = Settings(feedback_max_wait_s=2, online_settle_s=5, impression_ttl_s=60)
     processor = FeedbackProcessor(faust.App("expiry-test"), settings, SqliteExampleStore(tmp_path / "examples.db"))
     letters = DeadLettersThatFailOnce(fail_at=2)
-    processor.interactions, processor.arm_stats, processor.dead_letters = {}, {}, letters
+    join = processor.join
+    join.interactions, processor.online_metrics.arm_stats, join.dead_letters = {}, {}, letters
 
     orphans = Interaction(opened_at=0.0)
     for offset in range(3):
@@ -280,8 +281,8 @@ def test_the_expiry_sweep_neither_repeats_dead_letters_nor_keeps_what_it_cannot_
         orphans.add_feedback(event, 0, offset, JoinLimits())
     processor.interactions["orphan"] = orphans.to_record()
     with pytest.raises(ConnectionError):
-        asyncio.run(processor._expire_one("orphan", processor.interactions["orphan"], 10.0))
-    asyncio.run(processor._expire_one("orphan", processor.interactions["orphan"], 11.0))
+        asyncio.run(join.expire_one("orphan", processor.interactions["orphan"], 10.0))
+    asyncio.run(join.expire_one("orphan", processor.interactions["orphan"], 11.0))
     assert [offset for offset, _ in letters.delivered] == [0, 1, 2]
     assert {reason for _, reason in letters.delivered} == {"no impression for query_id within 2 s"}
     assert "orphan" not in processor.interactions
@@ -290,7 +291,7 @@ def test_the_expiry_sweep_neither_repeats_dead_letters_nor_keeps_what_it_cannot_
     settled.add_impression(Impression(query_id="settled", query="q", mode="hybrid", model_version="base",
                                       hits=[ShownHit(doc_id="d1", position=1, score=1.0)]), JoinLimits())
     processor.interactions["settled"] = settled.to_record()
-    processor.arm_stats["base|champion"] = {"impressions": "many"}
+    processor.online_metrics.arm_stats["base|champion"] = {"impressions": "many"}
     for now in (30.0, 45.0, 61.0):
-        asyncio.run(processor._expire_one("settled", processor.interactions["settled"], now))
+        asyncio.run(join.expire_one("settled", processor.interactions["settled"], now))
     assert "settled" not in processor.interactions
