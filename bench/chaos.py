@@ -41,7 +41,6 @@ import itertools
 import json
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -58,12 +57,12 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installing the package
 
-from autoglm.broker import EmbeddedBroker, free_port  # noqa: E402
+from autoglm.broker import EmbeddedBroker  # noqa: E402
 from autoglm.debezium import change_event, producer  # noqa: E402
 from autoglm.metrics import sample_value  # noqa: E402
-from autoglm.process import die_with_parent  # noqa: E402
 from autoglm.topics import DEAD_LETTERS, PLATFORM_TOPICS, ensure_topics  # noqa: E402
 from bench.report import finish, git_version, log_tail  # noqa: E402
+from roles.harness import RoleExited, RoleProcess  # noqa: E402
 
 SCHEMA = "chaos"
 TOPIC_PREFIX = f"cdc.{SCHEMA}"
@@ -346,64 +345,13 @@ class Publisher(threading.Thread):
         self.kafka.flush(30)
 
 
-class Worker:
-    """One ``autoglm worker`` process on the shared data dir, and its HTTP API."""
-
-    def __init__(self, broker: str, data_dir: Path, log_path: Path):
-        self.port = free_port()
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
-        self.run = WorkerRun(started_at=time.time())
-        with open(log_path, "ab") as log:
-            log.write(f"\n===== chaos: worker start at {time.ctime()} =====\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "roles.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
-                 "--api-port", str(self.port), "--group-id", "chaos-ingest", "--cdc-topics", rf"^{TOPIC_PREFIX}\."],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=die_with_parent)
-
-    def wait_healthy(self, timeout: float = HEALTHY_TIMEOUT_S) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    self.run.healthy_after_s = round(time.time() - self.run.started_at, 2)
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        return False
-
-    def end(self, how: str) -> int:
-        """Stop it with SIGKILL ("kill -9") or SIGTERM ("stop"); returns its exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                how += ", then SIGKILL after 30 s"
-        else:
-            how = "exited by itself"
-        self.client.close()
-        self.run.ended_at, self.run.ended_by, self.run.exit_code = time.time(), how, self.process.returncode
-        return self.process.returncode
-
-    def metrics(self) -> str | None:
-        try:
-            response = self.client.get("/metrics", timeout=2)
-            return response.text if response.status_code == 200 else None
-        except httpx.TransportError:
-            return None
-
-    def document(self, doc_id: str) -> dict | None:
-        response = self.client.get(f"/documents/{doc_id}")
-        return response.json() if response.status_code == 200 else None
-
-    def search_ids(self, query: str) -> list[str]:
-        response = self.client.get("/search", params={"q": query, "k": SEARCH_K, "mode": "hybrid", "log": "false"})
-        response.raise_for_status()
-        return [hit["id"] for hit in response.json()["hits"]]
+def metrics_text(worker: RoleProcess) -> str | None:
+    """The worker's /metrics, or None while its API is down (a sample never waits long on it)."""
+    try:
+        response = worker.client.get("/metrics", timeout=2)
+        return response.text if response.status_code == 200 else None
+    except httpx.TransportError:
+        return None
 
 
 class Progress:
@@ -418,10 +366,10 @@ class Progress:
         self._done_runs = {name: 0.0 for name in self.COUNTERS}
         self._current = dict(self._done_runs)
 
-    def sample(self, worker: Worker, published: int) -> None:
+    def sample(self, worker: RoleProcess, published: int) -> None:
         sample = {"t": round(time.time() - self.started, 2), "published": published, "documents": None,
                   **{name: None for name in self.COUNTERS}}
-        text = worker.metrics()
+        text = metrics_text(worker)
         if text is not None:
             self._current = {"received": sample_value(text, "autoglm_events_received_total"),
                              "applied": sample_value(text, "autoglm_events_total", outcome="applied")}
@@ -448,17 +396,35 @@ class Chaos:
         self.runs: list[WorkerRun] = []
         self.kills: list[dict] = []
         self.crashes: list[dict] = []
-        self.worker: Worker | None = None
+        self.worker: RoleProcess | None = None
         self.published = 0
 
     def start_worker(self) -> bool:
-        self.worker = Worker(self.broker, self.data_dir, self.log_path)
-        self.runs.append(self.worker.run)
-        return self.worker.wait_healthy()
+        """A new worker run on the same data dir and consumer group; whether it got healthy."""
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== chaos: worker start at {time.ctime()} =====\n".encode())
+        run = WorkerRun(started_at=time.time())
+        self.runs.append(run)
+        self.worker = RoleProcess("worker", self.broker, self.data_dir, self.log_path,
+                                  ["--group-id", "chaos-ingest", "--cdc-topics", rf"^{TOPIC_PREFIX}\."],
+                                  http_timeout=10)
+        try:
+            self.worker.wait_healthy(HEALTHY_TIMEOUT_S)
+        except (RoleExited, TimeoutError):
+            return False
+        run.healthy_after_s = round(time.time() - run.started_at, 2)
+        return True
 
     def end_worker(self, how: str) -> int:
+        """End the current run with SIGKILL ("kill -9") or SIGTERM ("stop"); returns its exit code."""
         self.progress.sample(self.worker, self.published)
-        code = self.worker.end(how)
+        run = self.runs[-1]
+        if self.worker.process.poll() is not None:
+            how = "exited by itself"
+        code = self.worker.stop(signal.SIGKILL if how == "kill -9" else signal.SIGTERM, timeout=30)
+        if how == "stop" and code == -signal.SIGKILL:  # stop() kills what SIGTERM did not end in time
+            how += ", then SIGKILL after 30 s"
+        run.ended_at, run.ended_by, run.exit_code = time.time(), how, code
         self.progress.run_ended()
         return code
 
@@ -472,12 +438,12 @@ class Chaos:
         return self.start_worker()
 
     def kill_and_restart(self, index: int, published: int, stream_done: bool) -> bool:
-        killed = self.worker.run
+        killed = self.runs[-1]
         code = self.end_worker("kill -9")
         healthy = self.start_worker()
         self.kills.append({"kill": index + 1, "at_s": round(killed.ended_at - self.started, 2),
                            "published": published, "after_stream_end": stream_done, "exit_code": code,
-                           "restart_healthy_after_s": self.worker.run.healthy_after_s,
+                           "restart_healthy_after_s": self.runs[-1].healthy_after_s,
                            "survived": code == -signal.SIGKILL and healthy})
         return healthy
 
@@ -541,7 +507,7 @@ def partition_of(plan: Plan, doc_id: str) -> tuple[str, int]:
     return placement(plan, table_names(plan).index(table))
 
 
-def compare_documents(worker: Worker, expected: dict[str, int | None], plan: Plan,
+def compare_documents(worker: RoleProcess, expected: dict[str, int | None], plan: Plan,
                       stalled: set[tuple[str, int]]) -> dict:
     """Lost, stale and ghost documents: the final state the stream defines against what the API serves.
 
@@ -571,7 +537,7 @@ def compare_documents(worker: Worker, expected: dict[str, int | None], plan: Pla
     for doc_id in tqdm(deleted, desc="/search deleted", unit="query", position=3, mininterval=1):
         table, pk = doc_id.removeprefix(f"{SCHEMA}.").split(":")
         # Any deleted document in the hits is a ghost, not only the one searched for.
-        for hit in worker.search_ids(unique_word(table, int(pk))):
+        for hit in worker.search_ids(unique_word(table, int(pk)), k=SEARCH_K, log=False):
             if hit in expected and expected[hit] is None:
                 differs("ghosts", hit)
     return {"documents_seen": len(expected), "expected_live": len(expected) - len(deleted),
@@ -652,7 +618,7 @@ def check_dead_letters(records: list[Record], letters: list[dict], runs: list[Wo
             "read": len(letters), "reasons": reasons}
 
 
-def served_ids(worker: Worker, doc_ids: list[str]) -> set[str]:
+def served_ids(worker: RoleProcess, doc_ids: list[str]) -> set[str]:
     return {doc_id for doc_id in doc_ids if worker.document(doc_id) is not None}
 
 

@@ -31,7 +31,6 @@ import os
 import platform
 import queue
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -54,14 +52,14 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installi
 
 from autoglm.beir import (CorpusDocument, mean_ndcg, read_corpus, read_qrels, read_queries,  # noqa: E402
                           split_train)
-from autoglm.broker import EmbeddedBroker, free_port  # noqa: E402
+from autoglm.broker import EmbeddedBroker  # noqa: E402
 from autoglm.datasets import corpus_id  # noqa: E402
 from autoglm.debezium import change_event, producer  # noqa: E402
 from autoglm.encoder import Encoder  # noqa: E402
-from autoglm.process import die_with_parent  # noqa: E402
 from autoglm.settings import FusionWeights, Settings  # noqa: E402
 from autoglm.topics import ensure_topics  # noqa: E402
 from bench.report import finish, git_version, log_tail  # noqa: E402
+from roles.harness import RoleProcess  # noqa: E402
 from search.embedded import EmbeddedIndex  # noqa: E402
 from search.protocol import Document  # noqa: E402
 from search.query import MODES, SearchService  # noqa: E402
@@ -126,54 +124,44 @@ class Source:
         self.producer.close()
 
 
-class WorkerApi:
-    """The worker as its users see it: the HTTP API (search, documents, metrics)."""
+def metric_samples(worker: RoleProcess) -> dict[tuple[str, tuple], float]:
+    """Every sample of the worker's /metrics, keyed by (sample name, sorted labels)."""
+    samples = {}
+    for family in text_string_to_metric_families(worker.client.get("/metrics").text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
 
-    def __init__(self, url: str):
-        self.client = httpx.Client(base_url=url, timeout=30)
 
-    def metric_samples(self) -> dict[tuple[str, tuple], float]:
-        """Every sample of /metrics, keyed by (sample name, sorted labels)."""
-        samples = {}
-        for family in text_string_to_metric_families(self.client.get("/metrics").text):
-            for sample in family.samples:
-                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return samples
+def document_count(worker: RoleProcess) -> int:
+    return int(metric_samples(worker)[("autoglm_documents", ())])
 
-    def document_count(self) -> int:
-        return int(self.metric_samples()[("autoglm_documents", ())])
 
-    def wait_for_count(self, expected: int, timeout: float, progress: tqdm | None = None) -> float:
-        """Poll the live-document gauge until it equals expected; returns perf_counter() when seen."""
-        deadline = time.monotonic() + timeout
-        while True:
-            count = self.document_count()
-            if progress is not None:
-                progress.update(count - progress.n)
-            if count == expected:
-                return time.perf_counter()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker holds {count} documents, expected {expected}, "
-                                   f"after {timeout:.0f} s")
-            time.sleep(GAUGE_POLL_S)
+def wait_for_count(worker: RoleProcess, expected: int, timeout: float, progress: tqdm | None = None) -> float:
+    """Poll the live-document gauge until it equals expected; returns perf_counter() when seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = document_count(worker)
+        if progress is not None:
+            progress.update(count - progress.n)
+        if count == expected:
+            return time.perf_counter()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker holds {count} documents, expected {expected}, "
+                               f"after {timeout:.0f} s")
+        time.sleep(GAUGE_POLL_S)
 
-    def wait_visible(self, pk: str, title: str, sent: float, timeout: float = 60.0) -> float:
-        """Seconds from a send until GET /documents shows its title: what a reader of the API sees."""
-        path = f"/documents/{SCHEMA}.{TABLE}:{pk}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            response = self.client.get(path)
-            if response.status_code == 200 and response.json()["title"] == title:
-                return time.perf_counter() - sent
-            time.sleep(VISIBILITY_POLL_S)
-        raise TimeoutError(f"{path} did not show title {title!r} within {timeout:.0f} s")
 
-    def search_ids(self, query: str, mode: str, log: bool = True) -> list[str]:
-        """Ids of the top NDCG_K hits; ``log`` False keeps an evaluation out of the impression stream."""
-        params = {"q": query, "k": NDCG_K, "mode": mode, "log": str(log).lower()}
-        response = self.client.get("/search", params=params)
-        response.raise_for_status()
-        return [hit["id"] for hit in response.json()["hits"]]
+def wait_visible(worker: RoleProcess, pk: str, title: str, sent: float, timeout: float = 60.0) -> float:
+    """Seconds from a send until GET /documents shows its title: what a reader of the API sees."""
+    doc_id = f"{SCHEMA}.{TABLE}:{pk}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        document = worker.document(doc_id)
+        if document is not None and document["title"] == title:
+            return time.perf_counter() - sent
+        time.sleep(VISIBILITY_POLL_S)
+    raise TimeoutError(f"/documents/{doc_id} did not show title {title!r} within {timeout:.0f} s")
 
 
 @contextmanager
@@ -192,59 +180,33 @@ def running_broker(data_dir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def running_worker(broker: str, data_dir: Path, outcome: dict) -> Iterator[WorkerApi]:
+def running_worker(broker: str, data_dir: Path, outcome: dict) -> Iterator[RoleProcess]:
     """One worker process on data_dir, stopped with SIGTERM even on errors.
 
-    ``outcome`` gets the seconds until it was healthy, its exit code and its shutdown time.
+    ``outcome`` gets the seconds until it was healthy (it answers /healthz 200 once it has
+    joined its consumer group, ~15 s), its exit code and its shutdown time.
     """
-    port = free_port()
     log_path = data_dir / "worker.log"
-    with ExitStack() as stack:
-        log = stack.enter_context(open(log_path, "ab"))
-        started = time.perf_counter()
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "roles.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
-             "--api-port", str(port), "--cdc-topics", r"^cdc\."],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=die_with_parent)
-        stack.callback(stop_worker, worker, outcome)
-        api = WorkerApi(f"http://127.0.0.1:{port}")
-        stack.callback(api.client.close)
-        try:
-            wait_healthy(api.client, worker)
-            outcome["healthy_after_s"] = round(time.perf_counter() - started, 1)
-            yield api
-        except BaseException:
-            console.print(f"[red]worker log tail ({log_path}):[/red]\n{log_tail(log_path)}")
-            raise
+    started = time.perf_counter()
+    worker = RoleProcess("worker", broker, data_dir, log_path, ["--cdc-topics", r"^cdc\."])
+    try:
+        worker.wait_healthy(timeout=120.0)
+        outcome["healthy_after_s"] = round(time.perf_counter() - started, 1)
+        yield worker
+    except BaseException:
+        console.print(f"[red]worker log tail ({log_path}):[/red]\n{log_tail(log_path)}")
+        raise
+    finally:
+        stop_worker(worker, outcome)
 
 
-def wait_healthy(client: httpx.Client, worker: subprocess.Popen, timeout: float = 120.0) -> None:
-    """The worker answers /healthz 200 once it has joined its consumer group (~15 s)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise RuntimeError(f"worker exited with code {worker.returncode} before it was healthy")
-        try:
-            if client.get("/healthz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"worker not healthy after {timeout:.0f} s")
-
-
-def stop_worker(worker: subprocess.Popen, outcome: dict, timeout: float = 30.0) -> None:
+def stop_worker(worker: RoleProcess, outcome: dict, timeout: float = 30.0) -> None:
     """SIGTERM, as an operator would; the exit code and shutdown time tell whether it stops cleanly."""
     started = time.perf_counter()
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-            outcome["killed_after_s"] = timeout
-    outcome.update(exit_code=worker.returncode, shutdown_s=round(time.perf_counter() - started, 2))
+    outcome["exit_code"] = worker.stop(timeout=timeout)
+    if outcome["exit_code"] == -signal.SIGKILL:  # stop() kills what SIGTERM did not end in time
+        outcome["killed_after_s"] = timeout
+    outcome["shutdown_s"] = round(time.perf_counter() - started, 2)
 
 
 # -- noisy neighbours ---------------------------------------------------------------------------
@@ -300,7 +262,7 @@ def measure_raw_encoder(encoder: Encoder, corpus: Sequence[CorpusDocument]) -> d
             "docs_per_s": round(len(texts) / seconds, 2)}
 
 
-def measure_snapshot_ingest(source: Source, api: WorkerApi, corpus: Sequence[CorpusDocument],
+def measure_snapshot_ingest(source: Source, worker: RoleProcess, corpus: Sequence[CorpusDocument],
                             raw_docs_per_s: float) -> dict:
     """Documents/s from the first produced snapshot event until the worker counts them all."""
     started = time.perf_counter()
@@ -309,8 +271,8 @@ def measure_snapshot_ingest(source: Source, api: WorkerApi, corpus: Sequence[Cor
     source.producer.flush(30)
     produced_s = time.perf_counter() - started
     with tqdm(total=len(corpus), desc="end-to-end", unit="doc") as progress:
-        done = api.wait_for_count(len(corpus), timeout=max(600.0, 10 * len(corpus) / raw_docs_per_s),
-                                  progress=progress)
+        done = wait_for_count(worker, len(corpus), timeout=max(600.0, 10 * len(corpus) / raw_docs_per_s),
+                              progress=progress)
     seconds = done - started
     docs_per_s = len(corpus) / seconds
     return {"documents": len(corpus), "produce_s": round(produced_s, 2), "seconds": round(seconds, 2),
@@ -318,7 +280,7 @@ def measure_snapshot_ingest(source: Source, api: WorkerApi, corpus: Sequence[Cor
             "gauge_poll_s": GAUGE_POLL_S}
 
 
-def measure_query_latency(api: WorkerApi, queries: Sequence[str], plan: Plan) -> dict[str, list[float]]:
+def measure_query_latency(worker: RoleProcess, queries: Sequence[str], plan: Plan) -> dict[str, list[float]]:
     """Client-side seconds per search, per mode; every query text is used once, so no cache can help.
 
     Searches log their impression, as a user's search does."""
@@ -329,28 +291,28 @@ def measure_query_latency(api: WorkerApi, queries: Sequence[str], plan: Plan) ->
     for number, mode in enumerate(MODES):
         mine = queries[number * per_mode:(number + 1) * per_mode]
         for query in mine[:plan.latency_warmup_per_mode]:
-            api.search_ids(query, mode)
+            worker.search_ids(query, mode, k=NDCG_K)
         samples = []
         for query in tqdm(mine[plan.latency_warmup_per_mode:], desc=f"latency {mode}", unit="query"):
             started = time.perf_counter()
-            api.search_ids(query, mode)
+            worker.search_ids(query, mode, k=NDCG_K)
             samples.append(time.perf_counter() - started)
         latencies[mode] = samples
     return latencies
 
 
-def measure_api_ndcg(api: WorkerApi, queries: dict[str, str], dev: dict[str, dict[str, int]]) -> dict:
+def measure_api_ndcg(worker: RoleProcess, queries: dict[str, str], dev: dict[str, dict[str, int]]) -> dict:
     """nDCG@10 per mode through the API, i.e. with the worker's own fusion settings (not logged as
     impressions: an evaluation is not user behaviour)."""
     scores = {}
     for mode in MODES:
-        ranked = {qid: [corpus_id(hit) for hit in api.search_ids(queries[qid], mode, log=False)]
+        ranked = {qid: [corpus_id(hit) for hit in worker.search_ids(queries[qid], mode, k=NDCG_K, log=False)]
                   for qid in tqdm(dev, desc=f"nDCG {mode}", unit="query")}
         scores[mode] = round(mean_ndcg(ranked, dev, NDCG_K), 4)
     return scores
 
 
-def measure_idle_freshness(source: Source, api: WorkerApi, corpus: Sequence[CorpusDocument],
+def measure_idle_freshness(source: Source, worker: RoleProcess, corpus: Sequence[CorpusDocument],
                            probes: int) -> list[float]:
     """Seconds until an update is readable, one update at a time, the system otherwise idle.
 
@@ -361,7 +323,7 @@ def measure_idle_freshness(source: Source, api: WorkerApi, corpus: Sequence[Corp
     for number in tqdm(range(probes + 1), desc="idle freshness", unit="update"):
         doc = corpus[number % len(corpus)]
         title = f"Probe {number}: {doc.title}"
-        seconds = api.wait_visible("probe", title, source.publish("u", "probe", title, doc.text))
+        seconds = wait_visible(worker, "probe", title, source.publish("u", "probe", title, doc.text))
         if number:
             samples.append(seconds)
         time.sleep(0.1)  # let the worker ack and fall idle again
@@ -385,7 +347,7 @@ def produce_steadily(source: Source, corpus: Sequence[CorpusDocument], rate: flo
     return count, sent
 
 
-def measure_loaded_freshness(source: Source, api: WorkerApi, corpus: Sequence[CorpusDocument], rate: float,
+def measure_loaded_freshness(source: Source, worker: RoleProcess, corpus: Sequence[CorpusDocument], rate: float,
                              seconds: float) -> dict:
     """Freshness of marked events while a background source writes at ``rate`` documents/s.
 
@@ -393,7 +355,7 @@ def measure_loaded_freshness(source: Source, api: WorkerApi, corpus: Sequence[Co
     polling within milliseconds of the send and never polls more than one id at a time. At the
     end it waits for the backlog: a worker that cannot keep up shows it there first.
     """
-    baseline = api.document_count()
+    baseline = document_count(worker)
     sent_events: queue.Queue = queue.Queue()
     samples = []
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(desc="loaded freshness", unit="probe") as progress:
@@ -404,10 +366,10 @@ def measure_loaded_freshness(source: Source, api: WorkerApi, corpus: Sequence[Co
                 pk, title, sent = sent_events.get(timeout=1.0)
             except queue.Empty:
                 continue
-            samples.append(api.wait_visible(pk, title, sent))
+            samples.append(wait_visible(worker, pk, title, sent))
             progress.update()
         published, last_sent = load.result()
-    caught_up = api.wait_for_count(baseline + published, timeout=300)
+    caught_up = wait_for_count(worker, baseline + published, timeout=300)
     return {"rate_docs_per_s": round(rate, 2), "seconds": seconds, "published": published,
             "catch_up_after_last_send_s": round(caught_up - last_sent, 2), "samples": samples}
 
@@ -528,43 +490,43 @@ def environment() -> dict:
 # -- the run ----------------------------------------------------------------------------------------
 
 
-def run_snapshot_phases(source: Source, api: WorkerApi, corpus: list[CorpusDocument],
+def run_snapshot_phases(source: Source, worker: RoleProcess, corpus: list[CorpusDocument],
                         queries: dict[str, str], train: dict, dev: dict, raw: dict, plan: Plan,
                         interference: dict) -> tuple[dict, dict]:
     """Phases 2-4 on a fresh worker: ingest the snapshot, then query it. Returns (results, samples)."""
     results: dict = {}
     with phase("2. end-to-end snapshot ingest", "end_to_end", interference):
-        before = api.metric_samples()
-        results["end_to_end"] = measure_snapshot_ingest(source, api, corpus, raw["docs_per_s"])
-        results["end_to_end"]["worker"] = worker_view(before, api.metric_samples())
+        before = metric_samples(worker)
+        results["end_to_end"] = measure_snapshot_ingest(source, worker, corpus, raw["docs_per_s"])
+        results["end_to_end"]["worker"] = worker_view(before, metric_samples(worker))
 
     with phase("3. query latency over the API", "query_latency", interference):
-        latencies = measure_query_latency(api, [queries[qid] for qid in train], plan)
+        latencies = measure_query_latency(worker, [queries[qid] for qid in train], plan)
     results["query_latency"] = {"impressions_logged": True,
                                 "modes": {mode: percentiles_ms(values) for mode, values in latencies.items()}}
 
     with phase("4. nDCG@10 over the API", "ndcg", interference):
         results["ndcg_at_10"] = {"split": "dev of train (autoglm.beir.split_train)", "queries": len(dev),
-                                 "api": measure_api_ndcg(api, queries, dev)}
+                                 "api": measure_api_ndcg(worker, queries, dev)}
     return results, {"query_ms": {mode: milliseconds(values) for mode, values in latencies.items()}}
 
 
-def run_freshness_phases(source: Source, api: WorkerApi, corpus: list[CorpusDocument], raw: dict, plan: Plan,
+def run_freshness_phases(source: Source, worker: RoleProcess, corpus: list[CorpusDocument], raw: dict, plan: Plan,
                          interference: dict) -> tuple[dict, dict]:
     """Phases 6-7 on the restarted worker. Returns (results, samples)."""
     results: dict = {}
     with phase("6. freshness, idle", "freshness_idle", interference):
-        before = api.metric_samples()
-        idle = measure_idle_freshness(source, api, corpus, plan.idle_probes)
+        before = metric_samples(worker)
+        idle = measure_idle_freshness(source, worker, corpus, plan.idle_probes)
         results["freshness_idle"] = {"client": percentiles_ms(idle), "poll_s": VISIBILITY_POLL_S,
-                                     "worker": worker_view(before, api.metric_samples())}
+                                     "worker": worker_view(before, metric_samples(worker))}
 
     with phase("7. freshness under load", "freshness_load", interference):
-        before = api.metric_samples()
-        load = measure_loaded_freshness(source, api, corpus, raw["docs_per_s"] / 2, plan.load_seconds)
+        before = metric_samples(worker)
+        load = measure_loaded_freshness(source, worker, corpus, raw["docs_per_s"] / 2, plan.load_seconds)
         results["freshness_load"] = {**{key: value for key, value in load.items() if key != "samples"},
                                      "client": percentiles_ms(load["samples"]), "poll_s": VISIBILITY_POLL_S,
-                                     "worker": worker_view(before, api.metric_samples())}
+                                     "worker": worker_view(before, metric_samples(worker))}
     return results, {"idle_ms": milliseconds(idle), "load_ms": milliseconds(load["samples"])}
 
 
@@ -588,13 +550,13 @@ def run(dataset: Path, plan: Plan) -> dict:
         data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="autoglm-bench-")))
         broker = stack.enter_context(running_broker(data_dir))
         source = stack.enter_context(closing(Source(broker)))
-        with running_worker(broker, data_dir, workers["snapshot"]) as api:
-            snapshot, samples = run_snapshot_phases(source, api, corpus, queries, train, dev, raw, plan,
+        with running_worker(broker, data_dir, workers["snapshot"]) as worker:
+            snapshot, samples = run_snapshot_phases(source, worker, corpus, queries, train, dev, raw, plan,
                                                     interference)
         with phase("5. fusion weight sweep (worker stopped)", "fusion_sweep", interference):
             snapshot["ndcg_at_10"]["fusion_sweep"] = sweep_fusion(data_dir / "index", encoder, queries, dev)
-        with running_worker(broker, data_dir, workers["restarted"]) as api:
-            freshness, freshness_samples = run_freshness_phases(source, api, corpus, raw, plan, interference)
+        with running_worker(broker, data_dir, workers["restarted"]) as worker:
+            freshness, freshness_samples = run_freshness_phases(source, worker, corpus, raw, plan, interference)
     results.update(snapshot, **freshness)
     results["targets"] = target_checks(results)
     results["environment"]["git_at_end"] = git_version()

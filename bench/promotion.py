@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -37,50 +35,36 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from autoglm.broker import EmbeddedBroker, free_port  # noqa: E402
+from autoglm.broker import EmbeddedBroker  # noqa: E402
 from autoglm.encoder import Encoder  # noqa: E402
-from autoglm.process import die_with_parent  # noqa: E402
 from registry.models import CHALLENGER, CHAMPION, ModelRegistry, version_uri  # noqa: E402
 from registry.server import MlflowServer  # noqa: E402
+from roles.harness import RoleProcess  # noqa: E402
 
 POLL_S = 5.0
 
 
-class Worker:
-    def __init__(self, broker: str, mlflow: str, data_dir: Path, *options: str):
-        self.port = free_port()
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "roles.cli", "worker", "--broker", broker, "--data-dir", str(data_dir),
-             "--api-port", str(self.port), "--cdc-topics", r"^cdc\.promotion\.", "--mlflow-uri", mlflow,
-             "--group-id", f"promotion-{data_dir.name}", *options],
-            stdout=subprocess.DEVNULL, stderr=open(data_dir.parent / f"{data_dir.name}.log", "w"),
-            preexec_fn=die_with_parent)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("worker not healthy after 180 s")
+def start_worker(broker: str, mlflow: str, data_dir: Path, *options: str) -> RoleProcess:
+    """A worker in its own consumer group, healthy; its log beside its data dir."""
+    worker = RoleProcess("worker", broker, data_dir, data_dir.parent / f"{data_dir.name}.log",
+                         ["--cdc-topics", r"^cdc\.promotion\.", "--mlflow-uri", mlflow,
+                          "--group-id", f"promotion-{data_dir.name}", *options])
+    return worker.wait_healthy(timeout=180)
 
-    def answer(self, session: str | None = None, mode: str = "dense") -> dict:
-        params = {"q": "promotion latency", "k": 3, "mode": mode, "log": "false"}
-        return self.client.get("/search", params={**params, **({"session": session} if session else {})}).json()
 
-    def seconds_until(self, version: str, session: str | None = None, timeout: float = 60.0) -> float:
-        started = time.perf_counter()
-        while self.answer(session)["model_version"] != version_uri(version):
-            if time.perf_counter() - started > timeout:
-                raise TimeoutError(f"version {version} not served after {timeout} s")
-            time.sleep(0.02)
-        return time.perf_counter() - started
+def answer(worker: RoleProcess, session: str | None = None, mode: str = "dense") -> dict:
+    params = {"q": "promotion latency", "k": 3, "mode": mode, "log": "false"}
+    return worker.client.get("/search", params={**params, **({"session": session} if session else {})}).json()
 
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
+
+def seconds_until(worker: RoleProcess, version: str, session: str | None = None, timeout: float = 60.0) -> float:
+    """From now until a search (in ``session``) is answered by ``version``."""
+    started = time.perf_counter()
+    while answer(worker, session)["model_version"] != version_uri(version):
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"version {version} not served after {timeout} s")
+        time.sleep(0.02)
+    return time.perf_counter() - started
 
 
 def register_versions(registry: ModelRegistry, count: int) -> list[str]:
@@ -112,46 +96,46 @@ def main() -> int:
             registry = ModelRegistry(server.url)
             versions = register_versions(registry, 3)
             registry.set_alias(CHAMPION, versions[0])
-            worker = Worker(broker.address, server.url, scratch / "webhooks", "--alias-poll", "600")
+            worker = start_worker(broker.address, server.url, scratch / "webhooks", "--alias-poll", "600")
             cold, warm = [], []
             in_canary = next(f"s{n}" for n in range(10_000) if _canary(f"s{n}"))
             for repeat in range(args.repeats):
                 target = versions[1 + repeat % 2]
                 registry.set_alias(CHAMPION, target)
-                cold.append(worker.seconds_until(target))
+                cold.append(seconds_until(worker, target))
                 time.sleep(4)  # the background compile finishes, as it would between promotions
                 other = versions[0]
                 registry.set_alias(CHALLENGER, other)
-                worker.seconds_until(other, session=in_canary)
+                seconds_until(worker, other, session=in_canary)
                 time.sleep(4)
                 registry.set_alias(CHAMPION, other)
-                warm.append(worker.seconds_until(other))
+                warm.append(seconds_until(worker, other))
                 registry.delete_alias(CHALLENGER)
                 registry.set_alias(CHAMPION, versions[0])
-                worker.seconds_until(versions[0])
+                seconds_until(worker, versions[0])
             results["webhook_cold_seconds"], results["webhook_warm_seconds"] = cold, warm
 
             registry.set_alias(CHALLENGER, versions[1])
-            worker.seconds_until(versions[1], session=in_canary)
+            seconds_until(worker, versions[1], session=in_canary)
             arms: dict[str, set[str]] = {}
             for search in range(4000):
                 session = f"user-{search % 1000}"
-                arms.setdefault(session, set()).add(worker.answer(session, mode="bm25")["arm"])
+                arms.setdefault(session, set()).add(answer(worker, session, mode="bm25")["arm"])
             results["canary_share"] = sum("challenger" in a for a in arms.values()) / len(arms)
             results["sessions_on_both_arms"] = sum(len(a) > 1 for a in arms.values())
             registry.delete_alias(CHALLENGER)
-            worker.stop()
+            worker.stop(timeout=30)
 
-            polled = Worker(broker.address, server.url, scratch / "polling", "--no-webhooks",
-                            "--alias-poll", str(POLL_S))
+            polled = start_worker(broker.address, server.url, scratch / "polling", "--no-webhooks",
+                                  "--alias-poll", str(POLL_S))
             polling = []
             for repeat in range(args.repeats):
                 target = versions[1 + repeat % 2]
                 registry.set_alias(CHAMPION, target)
-                polling.append(polled.seconds_until(target))
+                polling.append(seconds_until(polled, target))
                 time.sleep(4)
             results["polling_seconds"] = polling
-            polled.stop()
+            polled.stop(timeout=30)
         finally:
             server.stop()
     results["met"] = report(results)

@@ -1,20 +1,15 @@
 """`autoglm demo`: the whole loop on the embedded default, end to end, with a table and a plot.
 
 It runs ``autoglm up`` (embedded broker, MLflow server, worker with the trainer allowed to
-promote), publishes a BEIR corpus through the broker as Debezium snapshot events, then for
-each round lets simulated users search and click until a window trains, gates and
-registers a model, and measures nDCG@10 on the dev split (never on test) once search
-serves the new champion.
+promote) through the process harness, roles/harness.py, with its output in DATA_DIR/up.log;
+publishes a BEIR corpus through the broker as Debezium snapshot events, then for each round
+lets simulated users search and click until a window trains, gates and registers a model,
+and measures nDCG@10 on the dev split (never on test) once search serves the new champion.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,11 +18,11 @@ import httpx
 from tqdm import tqdm
 
 from autoglm import beir
-from autoglm.broker import free_port
 from autoglm.datasets import corpus_id, publish_corpus
 from autoglm.metrics import sample_value
 from autoglm.settings import DEMO_LEARNING_RATE, DEMO_TRAIN_SECONDS
 from autoglm.simulate import simulate
+from roles.harness import RoleProcess
 
 
 @dataclass
@@ -68,51 +63,25 @@ def evaluate(client: httpx.Client, queries: dict[str, str], qrels: dict, mode: s
     return beir.mean_ndcg(run, qrels), version
 
 
-class UpProcess:
-    """`autoglm up` as a child process, with the addresses it prints."""
-
-    def __init__(self, args: list[str]):
-        self.process = subprocess.Popen([sys.executable, "-m", "roles.cli", "up", *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip())
-
-    def address(self, prefix: str, timeout: float = 300) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if match := re.match(rf"^{prefix}: (\S+)", line):
-                    return match.group(1)
-            if self.process.poll() is not None:
-                raise RuntimeError("autoglm up exited:\n" + "\n".join(self.lines[-30:]))
-            time.sleep(0.2)
-        raise TimeoutError(f"autoglm up printed no {prefix!r} line in {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=30)
-
-
 def run_demo(dataset: Path, data_dir: Path, rounds: int, window: int, docs: int | None,
              out: Path, max_searches_per_round: int = 20_000, report_test: bool = False,
              learning_rate: float = DEMO_LEARNING_RATE, train_seconds: float = DEMO_TRAIN_SECONDS) -> DemoResult:
     """Run the loop; with report_test, the test split is scored for the base and the final model
     and shown only at the end (nothing is tuned on it)."""
-    port = free_port()
-    up = UpProcess(["--data-dir", str(data_dir), "--api-port", str(port), "--cdc-topics", r"^cdc\.beir\.",
-                    "--window-size", str(window), "--gate-dataset", str(dataset), "--promote-champion",
-                    "--learning-rate", str(learning_rate), "--train-seconds", str(train_seconds)])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    up = RoleProcess("up", None, data_dir, data_dir / "up.log",
+                     ["--cdc-topics", r"^cdc\.beir\.", "--window-size", str(window), "--gate-dataset", str(dataset.resolve()),
+                      "--promote-champion", "--learning-rate", str(learning_rate),
+                      "--train-seconds", str(train_seconds)],
+                     http_timeout=120)
     try:
-        broker, mlflow, api = up.address("broker"), up.address("mlflow"), up.address("api")
-        print(f"broker {broker} · MLflow UI {mlflow} · API {api}")
+        up.wait_healthy(timeout=300)
+        broker, mlflow = up.printed(r"^broker: (\S+)").group(1), up.printed(r"^mlflow: (\S+)").group(1)
+        api = up.url
+        print(f"broker {broker} · MLflow UI {mlflow} · API {api} · log {up.log_path}")
         _, count = publish_corpus(broker, dataset, limit=docs)
         published = {doc.id for doc, _ in zip(beir.read_corpus(dataset), range(count))}
-        client = httpx.Client(base_url=api, timeout=120)
+        client = up.client
         with tqdm(total=count, desc="indexing (embedding documents)", unit="doc") as bar:
             while (indexed := sample_value(client.get("/metrics").text, "autoglm_documents")) < count:
                 bar.update(int(indexed) - bar.n)
@@ -131,7 +100,7 @@ def run_demo(dataset: Path, data_dir: Path, rounds: int, window: int, docs: int 
         _save(outcome, out)
         return outcome
     finally:
-        up.stop()
+        up.stop(timeout=30)
 
 
 def _round(client, api, dataset, queries, qrels, number, max_searches, previous: Round) -> Round:

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
-import time
 import hashlib
+import json
+import time
 from pathlib import Path
 from typing import Callable
 
-import httpx
 import pytest
 
-from autoglm.broker import EmbeddedBroker, free_port
-from autoglm.metrics import sample_value
-from autoglm.process import die_with_parent
+from autoglm.broker import EmbeddedBroker
 from autoglm.topics import ensure_topics
+from roles.harness import RoleProcess
 from tests.es_server import elasticsearch_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,59 +49,11 @@ def es_url(tmp_path_factory):
         yield url
 
 
-class WorkerProcess:
-    """`autoglm worker` as a subprocess, with an HTTP client for its API."""
+class WorkerProcess(RoleProcess):
+    """`autoglm worker` in the consumer group of its data dir (group_for), through the one harness."""
 
     def __init__(self, broker: str, data_dir: Path, log_path: Path, extra_args: list[str] = ()):
-        self.broker, self.data_dir, self.log_path = broker, data_dir, log_path
-        self.port = free_port()
-        self.api = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.api, timeout=30)
-        command = [sys.executable, "-m", "roles.cli", "worker", "--broker", broker,
-                   "--data-dir", str(data_dir), "--api-port", str(self.port),
-                   "--group-id", group_for(data_dir), *extra_args]
-        self.log = open(log_path, "ab")
-        # Dies with the test process: a fixture that fails half-way must not leave a worker behind.
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
-                                        preexec_fn=die_with_parent)
-
-    def wait_healthy(self, timeout: float = 120.0) -> "WorkerProcess":
-        def healthy():
-            if self.process.poll() is not None:
-                pytest.fail(f"worker exited with {self.process.returncode}; log:\n{self.log_tail()}")
-            try:
-                return self.client.get("/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-        wait_until(healthy, timeout, 0.2, "worker health")
-        return self
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def document(self, doc_id: str) -> dict | None:
-        response = self.client.get(f"/documents/{doc_id}")
-        return response.json() if response.status_code == 200 else None
-
-    def search_ids(self, query: str, mode: str = "hybrid", k: int = 10) -> list[str]:
-        response = self.client.get("/search", params={"q": query, "mode": mode, "k": k})
-        response.raise_for_status()
-        return [hit["id"] for hit in response.json()["hits"]]
-
-    def metric(self, name: str, **labels: str) -> float:
-        return sample_value(self.client.get("/metrics").text, name, **labels)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.client.close()
-        self.log.close()
-        return self.process.returncode
+        super().__init__("worker", broker, data_dir, log_path, ["--group-id", group_for(data_dir), *extra_args])
 
 
 @pytest.fixture

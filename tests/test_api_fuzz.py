@@ -40,7 +40,7 @@ def api_schema(broker, tmp_path_factory):
     worker = WorkerProcess(broker, root / "data", root / "worker.log",
                            ["--cdc-topics", r"^cdc\.fuzz\.", "--api-max-feedback-items", str(MAX_FEEDBACK_ITEMS)])
     worker.wait_healthy()
-    yield schemathesis.openapi.from_url(f"{worker.api}/openapi.json", config=SchemathesisConfig.from_str(CONFIG))
+    yield schemathesis.openapi.from_url(f"{worker.url}/openapi.json", config=SchemathesisConfig.from_str(CONFIG))
     worker.stop()
 
 

@@ -193,13 +193,13 @@ def test_promotion_by_polling_without_webhooks(broker, mlflow_server, versions, 
         print(f"\npolling promotion to /search: {took:.2f} s (poll every 3 s)")
 
         # The command line: list, roll back to the predecessor the worker recorded, promote again.
-        listing = cli("models", "--api", worker.api)
+        listing = cli("models", "--api", worker.url)
         assert f"champion: {version_uri(versions['tuned'])}" in listing and "gate nDCG@10" in listing
-        rolled = cli("rollback", "--api", worker.api, "--reason", "test")
+        rolled = cli("rollback", "--api", worker.url, "--reason", "test")
         assert f"champion version {versions['tuned']} replaced by version {versions['base']}" in rolled
         serves(worker, versions["base"], 3 + 8)
         assert registry.version_tags(versions["tuned"])["autoglm.rollback"] == "manual: test"
-        cli("promote", versions["tuned"], "--api", worker.api)
+        cli("promote", versions["tuned"], "--api", worker.url)
         serves(worker, versions["tuned"], 3 + 8)
 
         # No champion alias at all: the base model serves.

@@ -41,7 +41,7 @@ def test_simulated_sessions_search_and_click_through_the_api(broker, tmp_path):
     try:
         first_ids = [doc.id for doc, _ in zip(beir.read_corpus(SCIFACT), range(count))]
         wait_until(lambda: worker.document(document_id(SCIFACT, first_ids[-1])), 300, 0.5, "the corpus subset")
-        report = simulate(worker.api, SCIFACT, searches=30, seed=1, progress=False)
+        report = simulate(worker.url, SCIFACT, searches=30, seed=1, progress=False)
         assert report.searches == 30 and report.clicks > 0
         wait_until(lambda: worker.metric("autoglm_feedback_events_total", kind="feedback", outcome="joined")
                    >= report.clicks, 30, 0.2, "the clicks to join their impressions")
